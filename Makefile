@@ -1,0 +1,63 @@
+# Thin wrappers over `python -m app ...`; every target sets itself up on first use.
+#   make dpo [MODEL=tiny] [STEPS=N] [SET="dpo.beta=0.2 lora.r=8"]   train, export, smoke-test
+#   make export|smoke|chat [RUN=exports/<run>] [QUANT=q4_k_m]
+#   make test | setup | clean
+MODEL ?= tiny
+RUN ?= latest
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+READY := $(VENV)/.ready
+# llama-cpp-python compiles llama.cpp from source (~7 minutes on 2 cores). Portable x86-64-v3 flags, not
+# -march=native: the native build's AVX512/AMX kernels crashed on quantized GGUFs on our CI machines, and a
+# portable wheel can be reused on another CPU. The tools and examples are not needed (halves the build).
+# GPU=1 builds it with CUDA for GPU inference (needs the CUDA toolkit).
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF
+ifeq ($(GPU),1)
+LLAMA_CMAKE_ARGS += -DGGML_CUDA=on
+endif
+# pip's own wheel cache ignores CMAKE_ARGS (it would hand a CPU build to GPU=1), so built wheels are kept
+# per set of flags here.
+LLAMA_WHEELS := $(HOME)/.cache/prefalign/llama-cpp-wheels/$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-12)
+
+.PHONY: setup dpo export smoke chat recipes test clean
+
+setup: $(READY)
+
+# requirements.txt pins every package; it is installed with --no-deps because unsloth's metadata asks for a
+# certifi newer than the registry serves (FIELD-NOTES). torch goes first, with its own dependencies, so a
+# GPU machine gets the CUDA libraries that belong to it (here: the local CPU wheel).
+$(READY): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet "$$(grep '^torch==' requirements.txt)"
+	@ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || { echo "building llama-cpp-python (~7 minutes, once)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VENV)/bin/pip wheel --quiet --no-deps --no-cache-dir \
+	    "$$(grep '^llama_cpp_python==' requirements.txt)" -w $(LLAMA_WHEELS).tmp && mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); }
+	$(VENV)/bin/pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
+	$(VENV)/bin/pip install --quiet --no-deps -r requirements.txt
+	$(PY) -m app setup
+	touch $@
+
+dpo: $(READY)
+	$(PY) -m app dpo $(MODEL) $(if $(STEPS),--set dpo.max_steps=$(STEPS)) $(foreach s,$(SET),--set $(s))
+
+export: $(READY)
+	$(PY) -m app export $(RUN)
+
+smoke: $(READY)
+	$(PY) -m app smoke $(RUN)
+
+chat: $(READY)
+	$(PY) -m app chat $(RUN) $(if $(QUANT),--quant $(QUANT))
+
+recipes: $(READY)
+	$(PY) -m app recipes
+
+test: $(READY)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .cache .llamacpp .pytest_cache unsloth_compiled_cache
+	find exports -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
