@@ -1,0 +1,145 @@
+"""The embedded default model: a 3M-parameter Llama with its own SentencePiece tokenizer, built locally.
+
+No hub is reachable on CI, so `tiny` is made here, deterministically, from recipes/data/tiny_corpus.txt:
+1. a SentencePiece BPE tokenizer with Llama 2's settings (byte fallback, no normalisation), so that
+   llama.cpp's converter takes its sentencepiece path and tokenizes exactly as transformers does;
+2. a random Llama with hidden size 256 (k-quants need rows that are multiples of 256);
+3. a short supervised warm-up on the corpus: prose, plus dialogues in the chat template whose replies
+   alternate between a polite and a rude style, so the base model speaks, ends replies with EOS and has
+   no preference yet. This is building the base model (like pre-training), not the alignment step: a
+   plain PyTorch loop, deterministic and dependency-free. Alignment goes through Unsloth + TRL.
+The result is cached in .cache/tiny-model/ under a fingerprint of the corpus and the settings below.
+"""
+import hashlib
+import io
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+
+from app import ROOT
+
+CORPUS = ROOT / "recipes" / "data" / "tiny_corpus.txt"
+CACHE = ROOT / ".cache" / "tiny-model"
+
+SETTINGS = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                warmup_steps=400, batch_size=16, lr=3e-3, seed=0)
+
+# The chat template of `tiny`: role markers are SentencePiece user-defined symbols (one token each),
+# and every assistant turn ends with EOS, which is how the model learns to stop.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|system|>\n{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}<|user|>\n{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}<|assistant|>\n{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+DIALOGUE = re.compile(r"<\|user\|>\\n(.*)\\n<\|assistant\|>\\n(.*)</s>")
+
+
+def fingerprint() -> str:
+    h = hashlib.sha256(CORPUS.read_bytes())
+    h.update(Path(__file__).read_bytes())  # any change to how tiny is built rebuilds it
+    return h.hexdigest()[:16]
+
+
+def ensure_tiny_model(log=print) -> Path:
+    """Path of the built tiny model, building it first if the cache is missing or stale."""
+    stamp = CACHE / "fingerprint.txt"
+    if stamp.exists() and stamp.read_text() == fingerprint():
+        return CACHE
+    log(f"building the tiny model in {CACHE} (once; about two minutes on 2 CPU cores)")
+    tmp = CACHE.with_name(CACHE.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_model(tmp, log)
+    (tmp / "fingerprint.txt").write_text(fingerprint())
+    shutil.rmtree(CACHE, ignore_errors=True)
+    tmp.rename(CACHE)
+    return CACHE
+
+
+def read_corpus():
+    """(prose lines, [(question, answer)] dialogues) from the corpus file."""
+    prose, dialogues = [], []
+    for line in CORPUS.read_text().splitlines():
+        m = DIALOGUE.fullmatch(line)
+        if m:
+            dialogues.append(m.groups())
+        elif line.strip():
+            prose.append(line)
+    return prose, dialogues
+
+
+def train_tokenizer(out: Path, texts):
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, vocab_size=SETTINGS["vocab_size"], model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+        user_defined_symbols=["<|system|>", "<|user|>", "<|assistant|>"],
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    # transformers builds vocab + merges from the .model. No prefix space: llama.cpp would add one after every
+    # special token (so after each chat marker) where transformers adds one only at the start of the text.
+    tokenizer = LlamaTokenizer.from_pretrained(str(out), add_prefix_space=False)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.pad_token = tokenizer.unk_token  # a pad that is not EOS, so padding never teaches "stop"
+    tokenizer.save_pretrained(str(out))
+    return tokenizer
+
+
+def build_tiny_model(out: Path, log=print):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(SETTINGS["seed"])
+    prose, dialogues = read_corpus()
+    tokenizer = train_tokenizer(out, prose + [t for qa in dialogues for t in qa])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=SETTINGS["hidden_size"],
+        intermediate_size=SETTINGS["intermediate_size"], num_hidden_layers=SETTINGS["num_hidden_layers"],
+        num_attention_heads=SETTINGS["num_attention_heads"], num_key_value_heads=SETTINGS["num_key_value_heads"],
+        max_position_embeddings=SETTINGS["max_position_embeddings"], rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+
+    # Warm-up sequences: prose with BOS, dialogues through the chat template (ends with EOS).
+    seqs = [tokenizer(p).input_ids for p in prose]
+    seqs += [tokenizer.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                           tokenize=True, return_dict=True)["input_ids"] for q, a in dialogues]
+    g = torch.Generator().manual_seed(SETTINGS["seed"])
+    opt = torch.optim.AdamW(model.parameters(), lr=SETTINGS["lr"], weight_decay=0.0, betas=(0.9, 0.95))
+    steps, bs = SETTINGS["warmup_steps"], SETTINGS["batch_size"]
+    t0, model = time.time(), model.train()
+    for step in range(steps):
+        lr = SETTINGS["lr"] * min(1.0, (step + 1) / 30) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = [seqs[i] for i in torch.randint(len(seqs), (bs,), generator=g).tolist()]
+        width = max(map(len, batch))
+        ids = torch.full((bs, width), tokenizer.pad_token_id)
+        mask = torch.zeros((bs, width), dtype=torch.long)
+        for row, s in enumerate(batch):
+            ids[row, :len(s)], mask[row, :len(s)] = torch.tensor(s), 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"  tiny warm-up step {step:4d}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f}s")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(out))
+    return out
+
+
+if __name__ == "__main__":
+    print(ensure_tiny_model())
