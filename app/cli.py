@@ -1,0 +1,157 @@
+"""Command line: parse arguments, wire the stages together, print errors. Nothing else.
+
+    python -m app dpo [RECIPE] [--set section.key=value ...]   recipe -> data -> model -> train -> export -> smoke
+    python -m app export [RUN]                                  adapter -> merged -> GGUF (from a run folder)
+    python -m app smoke [RUN]                                   llama.cpp checks every GGUF of a run
+    python -m app chat [RUN_OR_GGUF] [--quant q4_k_m]           chat with a GGUF
+    python -m app recipes                                       list the recipes
+    python -m app setup                                         fetch llama.cpp's converter (make setup does it)
+"""
+import argparse
+import os
+import sys
+import time
+
+from app import AppError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app", description="Preference alignment: DPO with Unsloth "
+                                     "and TRL, export to GGUF, proven in llama.cpp, chat locally.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("dpo", help="train with DPO, export, smoke-test (the whole pipeline)")
+    p.add_argument("recipe", nargs="?", default="tiny", help="a name in recipes/ or a path to a YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key")
+    p = sub.add_parser("export", help="merge the adapter of a run and write its GGUF files")
+    p.add_argument("run", nargs="?", default="latest")
+    p = sub.add_parser("smoke", help="check every GGUF of a run against its merged model with llama.cpp")
+    p.add_argument("run", nargs="?", default="latest")
+    p = sub.add_parser("chat", help="chat with a run's GGUF (or a .gguf file)")
+    p.add_argument("target", nargs="?", default="latest", help="a run folder or name, or a .gguf file")
+    p.add_argument("--quant", help="which GGUF of the run (f16, q8_0, q4_k_m, ...)")
+    p.add_argument("--system", help="a system prompt")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    sub.add_parser("recipes", help="list the recipes")
+    sub.add_parser("setup", help="fetch llama.cpp's converter for the installed llama-cpp-python")
+    args = parser.parse_args(argv)
+    if not sys.stderr.isatty():  # progress bars garble logs and CI output; our own lines say the same
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        COMMANDS[args.command](args)
+        return 0
+    except AppError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_dpo(args):
+    from app.data import load_preference_data
+    from app.recipe import load_recipe, save_recipe
+    from app.runs import create_run, mark_latest, write_json
+
+    t0 = time.time()
+    recipe = load_recipe(args.recipe, args.set)
+    from app.model import check_model_environment, load_model, resolve_model_source
+    check_model_environment(recipe)  # GPU, model files, network: said before anything is loaded
+    data = load_preference_data(recipe.data)
+    print(f"data: {data.source}: {data.rows} pairs -> {len(data.train)} train, "
+          f"{len(data.eval) if data.eval is not None else 0} held out")
+    source = resolve_model_source(recipe)
+    model, tokenizer = load_model(recipe, source)
+
+    run = create_run(recipe.name)
+    print(f"run folder: {run}")
+    save_recipe(recipe, run / "recipe.yaml")
+    from app.train import train_dpo
+    summary = train_dpo(model, tokenizer, data, recipe, run)
+    write_json(run / "train.json", summary)
+    print_training_summary(summary)
+
+    export_and_smoke(run, recipe, model, tokenizer, source)
+    mark_latest(run)
+    print(f"done in {time.time() - t0:.0f}s: {run}\n  chat with it: make chat   (or: python -m app chat {run.name})")
+
+
+def export_and_smoke(run, recipe, model, tokenizer, source):
+    from app.export import check_merged_matches, convert_to_gguf, merge_adapter
+    from app.runs import write_manifest
+    from app.smoke import smoke_run
+
+    print("export: merging the adapter into 16-bit weights")
+    merge_adapter(model, tokenizer, run / "merged", source)
+    merge = check_merged_matches(model, tokenizer, run / "merged", recipe.export["probes"])
+    print(f"  merged model matches the trained one: max logit difference {merge['max_logit_error']:.4f}, "
+          f"{merge['ratio']:.1%} of the adapter's effect ({merge['adapter_effect']:.3f})")
+    print(f"export: GGUF {', '.join(recipe.export['gguf'])} with llama.cpp's converter")
+    convert_to_gguf(run / "merged", run / "gguf", recipe.name, recipe.export["gguf"])
+    write_manifest(run)
+    print("smoke: llama.cpp against the merged model")
+    smoke_run(run, recipe.export["probes"])
+
+
+def cmd_export(args):
+    from app.model import load_trained_model, resolve_model_source
+    from app.recipe import load_recipe
+    from app.runs import mark_latest, resolve_run
+
+    run = resolve_run(args.run)
+    if not (run / "adapter").is_dir():
+        raise AppError(f"{run.name} has no adapter/ (its training did not finish)")
+    recipe = load_recipe(str(run / "recipe.yaml"))
+    model, tokenizer = load_trained_model(recipe, run / "adapter")
+    export_and_smoke(run, recipe, model, tokenizer, resolve_model_source(recipe))
+    mark_latest(run)
+
+
+def cmd_smoke(args):
+    from app.recipe import load_recipe
+    from app.runs import mark_latest, resolve_run
+    from app.smoke import smoke_run
+
+    run = resolve_run(args.run)
+    recipe = load_recipe(str(run / "recipe.yaml"))
+    smoke_run(run, recipe.export["probes"])
+    mark_latest(run)
+
+
+def cmd_chat(args):
+    from app.chat import chat, find_gguf
+    chat(find_gguf(args.target, args.quant), system=args.system, max_tokens=args.max_tokens,
+         temperature=args.temperature, seed=args.seed)
+
+
+def cmd_recipes(args):
+    from app.recipe import load_recipe, recipe_names
+    print(f"{'recipe':<16} {'model':<48} {'GPU':<4} data")
+    for name in recipe_names():
+        r = load_recipe(name)
+        print(f"{name:<16} {r.model['name']:<48} {'yes' if r.model.get('requires_gpu') else 'no':<4} "
+              f"{r.data['source']}")
+
+
+def cmd_setup(args):
+    from app.llamacpp import fetch_converter
+    fetch_converter()
+
+
+def print_training_summary(s: dict):
+    ev = s["eval"]
+    if ev:
+        print(f"held-out: reward accuracy {ev.get('eval_rewards/accuracies', 0):.2f}, margin "
+              f"{ev.get('eval_rewards/margins', 0):+.3f}, loss {ev.get('eval_loss', 0):.4f}")
+    for r in s["replies"]:
+        print(f"prompt: {r['prompt']}\n  before DPO: {r['before']}\n  after DPO:  {r['after']}")
+
+
+COMMANDS = {"dpo": cmd_dpo, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "recipes": cmd_recipes,
+            "setup": cmd_setup}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The export stage: LoRA adapter -> merged 16-bit weights -> GGUF files, all without network.
+
+Merging is Unsloth's (`save_pretrained_merged`); conversion is llama.cpp's own convert_hf_to_gguf.py of
+the runtime's release (see llamacpp.py); quantization is llama.cpp's, through llama-cpp-python's
+`llama_model_quantize`. The merged model is checked against the trained one before any GGUF is made.
+"""
+import json
+import shutil
+import time
+from pathlib import Path
+
+from app import AppError
+from app.llamacpp import run_converter
+
+CONVERTED = ("f32", "f16", "bf16")  # written by the converter itself
+QUANTIZED = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+             "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+             "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # made from the f16 (or f32) file
+GGUF_TYPES = (*CONVERTED, *QUANTIZED)
+MERGE_TOLERANCE = 0.25  # merged-vs-trained logit error, as a share of the adapter's effect on the logits
+
+
+def merge_adapter(model, tokenizer, out: Path, base_source: str):
+    """Merged 16-bit safetensors with tokenizer and chat template, via Unsloth."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
+    prepare_tokenizer_for_converter(tmp, base_source)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def prepare_tokenizer_for_converter(model_dir: Path, base_source: str):
+    """Two gaps between what transformers 5 saves and what llama.cpp's converter reads:
+    - tokenizer.model: Unsloth's merged folder lacks the base's SentencePiece file, and the converter then
+      guesses the vocabulary from tokenizer.json instead: copy it over when the base has one;
+    - added_tokens_decoder: the converter learns which added tokens are special (chat markers) only from
+      tokenizer_config.json, where transformers 5 no longer writes them; without it `<|user|>` becomes
+      plain text in the GGUF and llama.cpp tokenizes the chat template differently. Restore it from
+      tokenizer.json."""
+    src = Path(base_source) / "tokenizer.model"
+    if not src.is_file() and not Path(base_source).is_dir():
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(base_source, "tokenizer.model")
+        src = Path(cached) if isinstance(cached, str) else src
+    if src.is_file() and not (model_dir / "tokenizer.model").exists():
+        shutil.copy2(src, model_dir / "tokenizer.model")
+
+    config_path, tokenizer_json = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
+    if config_path.is_file() and tokenizer_json.is_file():
+        config = json.loads(config_path.read_text())
+        if "added_tokens_decoder" not in config:
+            added = json.loads(tokenizer_json.read_text()).get("added_tokens", [])
+            config["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added}
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_merged_matches(model, tokenizer, merged: Path, prompts) -> dict:
+    """Compare the merged weights on disk with the trained model (base + LoRA) on the probe prompts.
+
+    The merged model is 16-bit, so it never equals the trained one exactly; what matters is that the
+    difference is small next to what the adapter changed. A merge that lost or mis-scaled the LoRA
+    differs by about the adapter's whole effect (ratio ~1); rounding to 16 bits gives a ratio near 0."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    merged_model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).to(model.device)
+    error = effect = 0.0
+    model.eval()
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
+        with torch.no_grad():
+            trained = model(input_ids=ids).logits.float()
+            with model.disable_adapter():
+                base = model(input_ids=ids).logits.float()
+            error = max(error, (trained - merged_model(input_ids=ids).logits.float()).abs().max().item())
+            effect = max(effect, (trained - base).abs().max().item())
+    del merged_model
+    ratio = error / max(effect, 1e-6)
+    if ratio > MERGE_TOLERANCE:
+        raise AppError(f"the merged model differs from the trained one: max logit difference {error:.4f} is "
+                       f"{ratio:.0%} of the adapter's own effect ({effect:.4f}), over {MERGE_TOLERANCE:.0%}; "
+                       f"the export stops here")
+    return {"max_logit_error": error, "adapter_effect": effect, "ratio": ratio}
+
+
+def convert_to_gguf(merged: Path, out_dir: Path, stem: str, types, log=print) -> dict:
+    """{type: path} for every requested GGUF type; each file appears only when complete."""
+    import logging
+
+    import llama_cpp
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # the quantizer logs every tensor
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made, seconds = {}, {}
+    # the converter writes f16 (and f32/bf16 when asked); quantized types start from the best of those
+    base_type = "f32" if "f32" in types else "f16"
+    for t in [t for t in CONVERTED if t in types or t == base_type]:
+        t0 = time.time()
+        final, tmp = out_dir / f"{stem}-{t}.gguf", out_dir / f".{stem}-{t}.gguf.tmp"
+        run_converter(merged, tmp, t)
+        tmp.rename(final)
+        made[t], seconds[t] = final, time.time() - t0
+    for t in [t for t in types if t in QUANTIZED]:
+        t0 = time.time()
+        final, tmp = out_dir / f"{stem}-{t}.gguf", out_dir / f".{stem}-{t}.gguf.tmp"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, QUANTIZED[t])
+        params.nthread = 0
+        if llama_cpp.llama_model_quantize(str(made[base_type]).encode(), str(tmp).encode(), params) != 0:
+            raise AppError(f"llama.cpp could not quantize {made[base_type].name} to {t}")
+        tmp.rename(final)
+        made[t], seconds[t] = final, time.time() - t0
+    for t in list(made):
+        if t not in types:  # an intermediate the user did not ask for
+            made.pop(t).unlink()
+    for t, path in made.items():
+        log(f"  {path.name:<28} {path.stat().st_size / 2**20:8.1f} MiB  {seconds[t]:5.1f}s")
+    return made

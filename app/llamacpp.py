@@ -1,0 +1,91 @@
+"""Where llama.cpp's HF-to-GGUF converter lives, how it gets there, and how it is called.
+
+The converter must be of the same llama.cpp commit as the runtime that will load the GGUF, so it is
+taken from the source distribution of the very llama-cpp-python version that is installed (its
+vendor/llama.cpp/ holds convert_hf_to_gguf.py, the conversion/ package and gguf-py/). `make setup`
+fetches it once from the package registry into .llamacpp/ (ignored by git); export never downloads.
+The same archive carries llama.cpp's tokenizer test vocabularies (models/ggml-vocab-*.gguf), which the
+tests use to build real Llama 3 and Qwen2 tokenizers offline.
+"""
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from app import ROOT, AppError
+
+HOME = ROOT / ".llamacpp"
+CONVERTER = HOME / "convert_hf_to_gguf.py"
+VOCABS = HOME / "models"
+WANTED = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "models/ggml-vocab-", "LICENSE")
+
+
+def runtime_version() -> str:
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        raise AppError("llama-cpp-python is not installed; run `make setup`") from None
+
+
+def converter_version() -> str | None:
+    stamp = HOME / "VERSION"
+    return stamp.read_text().strip() if stamp.exists() and CONVERTER.exists() else None
+
+
+def check_converter():
+    """AppError unless the converter is present and of the runtime's release."""
+    have, want = converter_version(), runtime_version()
+    if have is None:
+        raise AppError(f"the llama.cpp converter is missing from {HOME}; run `make setup`")
+    if have != want:
+        raise AppError(f"the llama.cpp converter in {HOME} is from llama-cpp-python {have} but {want} is "
+                       f"installed; run `make setup` to fetch the matching one")
+
+
+def fetch_converter():
+    """Download the llama-cpp-python source distribution of the installed version; unpack the converter."""
+    version = runtime_version()
+    if converter_version() == version:
+        print(f"llama.cpp converter {version} already in {HOME}")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={version}", "-d", tmp], check=True)
+        archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        staging = Path(tmp) / "out"
+        with tarfile.open(archive) as tar:
+            prefix = f"{archive.name[:-len('.tar.gz')]}/vendor/llama.cpp/"
+            members = []
+            for m in tar.getmembers():
+                rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
+                if rel and rel.startswith(WANTED) and (m.isfile() or m.isdir()):
+                    m.name = rel
+                    members.append(m)
+            tar.extractall(staging, members=members, filter="data")
+        (staging / "VERSION").write_text(version + "\n")
+        shutil.rmtree(HOME, ignore_errors=True)
+        shutil.move(str(staging), HOME)
+    print(f"llama.cpp converter {version} unpacked in {HOME}")
+
+
+def run_converter(model_dir: Path, outfile: Path, outtype: str) -> str:
+    """convert_hf_to_gguf.py MODEL --outfile OUT --outtype TYPE in a subprocess; returns its log.
+
+    AppError with the converter's last lines when it fails (e.g. an unknown BPE pre-tokenizer)."""
+    check_converter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HOME / "gguf-py"), os.environ.get("PYTHONPATH", "")]),
+           "NO_LOCAL_GGUF": "", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(CONVERTER), str(model_dir), "--outfile", str(outfile),
+                           "--outtype", outtype], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-3:]
+        raise AppError(f"llama.cpp's converter failed on {model_dir}: {' | '.join(tail)}")
+    return proc.stderr
+
+
+if __name__ == "__main__":
+    fetch_converter()
