@@ -77,8 +77,9 @@ def run_converter(model_dir: Path, outfile: Path, outtype: str) -> str:
 
     AppError with the converter's last lines when it fails (e.g. an unknown BPE pre-tokenizer)."""
     check_converter()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HOME / "gguf-py"), os.environ.get("PYTHONPATH", "")]),
-           "NO_LOCAL_GGUF": "", "HF_HUB_OFFLINE": "1"}
+    # the converter puts its own gguf-py (same commit) ahead of any installed gguf package by itself
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("NO_LOCAL_GGUF", None)
     proc = subprocess.run([sys.executable, str(CONVERTER), str(model_dir), "--outfile", str(outfile),
                            "--outtype", outtype], capture_output=True, text=True, env=env)
     if proc.returncode != 0:

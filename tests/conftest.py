@@ -1,0 +1,38 @@
+"""Shared fixtures: one real `dpo` run of the tiny recipe per test session (Unsloth imported once)."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from app import ROOT  # noqa: E402
+from app.runs import EXPORTS  # noqa: E402
+
+TINY_STEPS = 40  # enough for the tiny model to prefer the polite style clearly; the recipe's default is 60
+
+
+@pytest.fixture(scope="session")
+def tiny_run():
+    """The run folder of `python -m app dpo tiny` (in-process), removed at the end of the session."""
+    from app.cli import main
+
+    before = set(EXPORTS.glob("tiny-*"))
+    latest = EXPORTS / "latest"
+    old_latest = os.readlink(latest) if latest.is_symlink() else None
+    assert main(["dpo", "tiny", "--set", f"dpo.max_steps={TINY_STEPS}"]) == 0
+    (run,) = set(EXPORTS.glob("tiny-*")) - before
+    yield run
+    shutil.rmtree(run, ignore_errors=True)
+    if old_latest:
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(old_latest)
+    elif latest.is_symlink():
+        latest.unlink()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

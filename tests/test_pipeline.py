@@ -1,0 +1,69 @@
+"""The whole pipeline on the tiny recipe: DPO trains, the export is complete, llama.cpp proves every GGUF."""
+import json
+import os
+import subprocess
+import sys
+
+from safetensors.numpy import load_file
+
+from app import ROOT
+from app.runs import EXPORTS, sha256
+from tests.conftest import TINY_STEPS, read_jsonl
+
+
+def test_dpo_loss_falls_and_heldout_accuracy_is_well_above_chance(tiny_run):
+    logs = read_jsonl(tiny_run / "metrics.jsonl")
+    train = [r for r in logs if "loss" in r]
+    assert train[0]["step"] <= 5 and train[-1]["step"] == TINY_STEPS
+    first, last = train[0]["loss"], sum(r["loss"] for r in train[-2:]) / 2
+    assert first > 0.6 and last < first - 0.2, (first, last)  # DPO starts at log(2) = 0.693
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "tokens_per_second"):
+        assert key in train[-1]
+    summary = json.loads((tiny_run / "train.json").read_text())
+    assert summary["eval"]["eval_rewards/accuracies"] >= 0.8
+    assert summary["eval"]["eval_rewards/margins"] > 0
+    assert [r["step"] for r in train] == sorted({r["step"] for r in train})  # each logged step once
+
+
+def test_adapter_weights_changed(tiny_run):
+    weights = load_file(str(tiny_run / "adapter" / "adapter_model.safetensors"))
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert len(lora_b) == 4 * 7  # 4 layers x 7 projections
+    assert all(abs(w).max() > 1e-4 for w in lora_b)  # LoRA B starts at zero: every one moved
+
+
+def test_run_folder_is_complete_and_manifest_is_true(tiny_run):
+    for name in ("recipe.yaml", "metrics.jsonl", "train.json", "smoke.json", "manifest.json",
+                 "adapter/adapter_config.json", "merged/config.json", "merged/tokenizer.model",
+                 "gguf/tiny-f16.gguf", "gguf/tiny-q8_0.gguf", "gguf/tiny-q4_k_m.gguf"):
+        assert (tiny_run / name).is_file(), name
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    assert "smoke.json" in manifest["files"] and "gguf/tiny-q4_k_m.gguf" in manifest["files"]
+    for rel, entry in manifest["files"].items():
+        assert (tiny_run / rel).stat().st_size == entry["bytes"], rel
+    assert sha256(tiny_run / "gguf/tiny-f16.gguf") == manifest["files"]["gguf/tiny-f16.gguf"]["sha256"]
+    assert os.path.realpath(EXPORTS / "latest") == str(tiny_run.resolve())
+    assert not list(tiny_run.rglob("*.tmp"))
+
+
+def test_every_gguf_passes_smoke_and_f16_agrees_on_every_token(tiny_run):
+    smoke = json.loads((tiny_run / "smoke.json").read_text())
+    assert smoke["passed"]
+    by_type = {r["type"]: r for r in smoke["results"]}
+    assert set(by_type) == {"f16", "q8_0", "q4_k_m"}
+    f16 = by_type["f16"]
+    assert f16["top1_agreement"] == 1.0 and f16["max_abs_logit_diff"] < 0.05
+    assert f16["metadata"] == {"architecture": "llama", "eos_token_id": 2, "has_chat_template": True}
+    for probe in f16["probes"]:  # the trained tiny model ends its replies with EOS, and so does the GGUF chat
+        assert probe["matching_lead"] == probe["hf_reply_tokens"] < 48
+        assert probe["chat_finish_reason"] == "stop"
+    assert by_type["q8_0"]["top1_agreement"] >= 0.95
+
+
+def test_chat_answers_a_piped_prompt_and_stops(tiny_run):
+    proc = subprocess.run([sys.executable, "-m", "app", "chat", str(tiny_run), "--quant", "f16",
+                           "--temperature", "0", "--max-tokens", "200"],
+                          input="What is the sun?\n", capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    reply = proc.stdout.strip()
+    assert len(reply.split()) >= 3, reply
