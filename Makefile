@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
-# llama-cpp-python compiles llama.cpp from source (~7 minutes on 2 cores). Portable x86-64-v3 flags, not
+# llama-cpp-python compiles llama.cpp from source (~12 minutes on 2 cores). Portable x86-64-v3 flags, not
 # -march=native: the native build's AVX512/AMX kernels crashed on quantized GGUFs on our CI machines, and a
 # portable wheel can be reused on another CPU. The tools and examples are not needed (halves the build).
 # GPU=1 builds it with CUDA for GPU inference (needs the CUDA toolkit).
@@ -32,7 +32,7 @@ $(READY): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet "$$(grep '^torch==' requirements.txt)"
-	@ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || { echo "building llama-cpp-python (~7 minutes, once)"; \
+	@ls $(LLAMA_WHEELS)/*.whl >/dev/null 2>&1 || { echo "building llama-cpp-python (~12 minutes, once)"; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VENV)/bin/pip wheel --quiet --no-deps --no-cache-dir \
 	    "$$(grep '^llama_cpp_python==' requirements.txt)" -w $(LLAMA_WHEELS).tmp && mv $(LLAMA_WHEELS).tmp $(LLAMA_WHEELS); }
 	$(VENV)/bin/pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl

@@ -95,9 +95,13 @@ def read_hub_rows(source: str, split: str) -> list[tuple[str, dict]]:
 
 
 def to_conversational(row, where: str) -> dict:
-    """A standard (strings) or conversational (message lists) row -> conversational, or AppError naming the row."""
+    """A row -> TRL's conversational preference format, or AppError naming the row. Accepted:
+    strings (prompt/chosen/rejected), message lists, and message lists without `prompt` (as in
+    trl-lib/ultrafeedback_binarized), where the prompt is the messages both sides share."""
     if not isinstance(row, dict):
         raise AppError(f"{where}: expected an object with {', '.join(FIELDS)}")
+    if row.get("prompt") in (None, "", []) and all(_is_messages(row.get(k)) for k in ("chosen", "rejected")):
+        row = split_shared_prompt(row, where)
     missing = [k for k in FIELDS if row.get(k) in (None, "", [])]
     if missing:
         raise AppError(f"{where}: missing or empty '{missing[0]}' (each row needs {', '.join(FIELDS)})")
@@ -106,8 +110,24 @@ def to_conversational(row, where: str) -> dict:
         value = row[key]
         if isinstance(value, str):
             value = [{"role": role, "content": value}]
-        elif not (isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                  for m in value)):
+        elif not _is_messages(value):
             raise AppError(f"{where}: '{key}' must be a string or a list of {{role, content}} messages")
         out[key] = [{"role": m["role"], "content": m["content"]} for m in value]
     return out
+
+
+def split_shared_prompt(row: dict, where: str) -> dict:
+    """Whole conversations on both sides: the shared leading messages are the prompt. Split by message,
+    never by characters, so replies that begin with the same words stay whole."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0 or chosen[n:] == [] or rejected[n:] == []:
+        raise AppError(f"{where}: 'chosen' and 'rejected' share no prompt messages and there is no 'prompt'")
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value)

@@ -4,6 +4,7 @@ Unsloth picks its backend: CUDA kernels on a GPU, stock transformers + PEFT on a
 training on CPU"). Nothing here branches on the device except the check that a recipe which needs a GPU
 gets one, and that a hub model is either cached or reachable, both said before anything is loaded.
 """
+import logging
 import os
 import socket
 from pathlib import Path
@@ -13,8 +14,7 @@ from app import ROOT, AppError
 
 def resolve_model_source(recipe) -> str:
     """'tiny' -> the locally built model; a folder -> itself; anything else is a hub id."""
-    import unsloth  # noqa: F401  first, before transformers/TRL/PEFT, so that it can patch them
-
+    import_unsloth()
     name = str(recipe.model["name"])
     if name == "tiny":
         from app.tiny import ensure_tiny_model
@@ -61,9 +61,18 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def import_unsloth():
+    """Unsloth, imported before transformers/TRL/PEFT (it patches them on import), ~20 s: only the stages
+    that load a model call this. Two loggers are quieted: on a CPU they warn about optional GPU kernels."""
+    for noisy in ("torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import unsloth
+    return unsloth
+
+
 def load_model(recipe, source: str):
     """(PEFT model with LoRA, tokenizer with a chat template) through Unsloth."""
-    from unsloth import FastLanguageModel  # heavy (~20 s): imported only by the stages that train
+    FastLanguageModel = import_unsloth().FastLanguageModel
 
     m, lora = recipe.model, recipe.lora
     model, tokenizer = FastLanguageModel.from_pretrained(
@@ -79,7 +88,7 @@ def load_model(recipe, source: str):
 
 def load_trained_model(recipe, adapter_dir: Path):
     """The base with a run's adapter, through Unsloth (it reads the base from adapter_config.json)."""
-    from unsloth import FastLanguageModel
+    FastLanguageModel = import_unsloth().FastLanguageModel
 
     m = recipe.model
     return FastLanguageModel.from_pretrained(model_name=str(adapter_dir), max_seq_length=m["max_seq_length"],

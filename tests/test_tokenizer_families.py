@@ -10,7 +10,7 @@ import torch
 
 from app.export import convert_to_gguf, prepare_tokenizer_for_converter
 from app.llamacpp import VOCABS
-from app.model import fix_chat_template
+from app.model import fix_chat_template, import_unsloth
 from app.smoke import check_ggufs
 
 # Llama 3's pre-tokenizer. transformers rebuilds the vocabulary and merges from the GGUF test file but not
@@ -47,7 +47,7 @@ FAMILIES = {"llama3": ("llama", llama3_instruct_tokenizer, "ggml-vocab-llama-bpe
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_real_tokenizer_family_goes_through_export_and_smoke(family, tmp_path):
-    import unsloth  # noqa: F401  (imported first, as in the app)
+    import_unsloth()  # first, as in the app
     from transformers import AutoConfig, AutoModelForCausalLM
 
     arch, make_tokenizer, vocab_file = FAMILIES[family]
