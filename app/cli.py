@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 def cmd_dpo(args):
     from app.data import load_preference_data
     from app.recipe import load_recipe, save_recipe
-    from app.runs import create_run, mark_latest, write_json
+    from app.runs import create_run, write_json
 
     t0 = time.time()
     recipe = load_recipe(args.recipe, args.set)
@@ -74,51 +74,51 @@ def cmd_dpo(args):
     write_json(run / "train.json", summary)
     print_training_summary(summary)
 
-    export_and_smoke(run, recipe, model, tokenizer, source)
-    mark_latest(run)
+    from app.export import export_run
+    export_run(run, recipe, model, tokenizer, source)
+    del model  # the smoke test loads the merged weights; the training model's memory goes back first
+    smoke(run, recipe)
     print(f"done in {time.time() - t0:.0f}s: {run}\n  chat with it: make chat   (or: python -m app chat {run.name})")
 
 
-def export_and_smoke(run, recipe, model, tokenizer, source):
-    from app.export import check_merged_matches, convert_to_gguf, merge_adapter
-    from app.runs import write_manifest
+def smoke(run, recipe):
+    """llama.cpp against the merged model; `latest` moves only when every GGUF passes."""
+    import gc
+
+    import torch
+    from app.runs import mark_latest
     from app.smoke import smoke_run
 
-    print("export: merging the adapter into 16-bit weights")
-    merge_adapter(model, tokenizer, run / "merged", source)
-    merge = check_merged_matches(model, tokenizer, run / "merged", recipe.export["probes"])
-    print(f"  merged model matches the trained one: max logit difference {merge['max_logit_error']:.4f}, "
-          f"{merge['ratio']:.1%} of the adapter's effect ({merge['adapter_effect']:.3f})")
-    print(f"export: GGUF {', '.join(recipe.export['gguf'])} with llama.cpp's converter")
-    convert_to_gguf(run / "merged", run / "gguf", recipe.name, recipe.export["gguf"])
-    write_manifest(run)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     print("smoke: llama.cpp against the merged model")
     smoke_run(run, recipe.export["probes"])
+    mark_latest(run)
 
 
 def cmd_export(args):
+    from app.export import export_run
     from app.model import load_trained_model, resolve_model_source
     from app.recipe import load_recipe
-    from app.runs import mark_latest, resolve_run
+    from app.runs import resolve_run
 
     run = resolve_run(args.run)
     if not (run / "adapter").is_dir():
         raise AppError(f"{run.name} has no adapter/ (its training did not finish)")
     recipe = load_recipe(str(run / "recipe.yaml"))
     model, tokenizer = load_trained_model(recipe, run / "adapter")
-    export_and_smoke(run, recipe, model, tokenizer, resolve_model_source(recipe))
-    mark_latest(run)
+    export_run(run, recipe, model, tokenizer, resolve_model_source(recipe))
+    del model
+    smoke(run, recipe)
 
 
 def cmd_smoke(args):
     from app.recipe import load_recipe
-    from app.runs import mark_latest, resolve_run
-    from app.smoke import smoke_run
+    from app.runs import resolve_run
 
     run = resolve_run(args.run)
-    recipe = load_recipe(str(run / "recipe.yaml"))
-    smoke_run(run, recipe.export["probes"])
-    mark_latest(run)
+    smoke(run, load_recipe(str(run / "recipe.yaml")))
 
 
 def cmd_chat(args):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from app import AppError
 from app.llamacpp import run_converter
+from app.runs import write_manifest
 
 CONVERTED = ("f32", "f16", "bf16")  # written by the converter itself
 QUANTIZED = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
@@ -18,6 +19,19 @@ QUANTIZED = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K
              "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # made from the f16 (or f32) file
 GGUF_TYPES = (*CONVERTED, *QUANTIZED)
 MERGE_TOLERANCE = 0.25  # merged-vs-trained logit error, as a share of the adapter's effect on the logits
+
+
+def export_run(run: Path, recipe, model, tokenizer, base_source: str, log=print) -> dict:
+    """The stage: merged/ and gguf/ in the run folder, then the manifest. Returns the merge check."""
+    log("export: merging the adapter into 16-bit weights")
+    merge_adapter(model, tokenizer, run / "merged", base_source)
+    merge = check_merged_matches(model, tokenizer, run / "merged", recipe.export["probes"])
+    log(f"  merged model matches the trained one: max logit difference {merge['max_logit_error']:.4f}, "
+        f"{merge['ratio']:.1%} of the adapter's effect ({merge['adapter_effect']:.3f})")
+    log(f"export: GGUF {', '.join(recipe.export['gguf'])} with llama.cpp's converter")
+    convert_to_gguf(run / "merged", run / "gguf", recipe.name, recipe.export["gguf"], log)
+    write_manifest(run)
+    return merge
 
 
 def merge_adapter(model, tokenizer, out: Path, base_source: str):
@@ -62,9 +76,8 @@ def check_merged_matches(model, tokenizer, merged: Path, prompts) -> dict:
     difference is small next to what the adapter changed. A merge that lost or mis-scaled the LoRA
     differs by about the adapter's whole effect (ratio ~1); rounding to 16 bits gives a ratio near 0."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    merged_model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).to(model.device)
+    merged_model = load_reference_model(merged)
     error = effect = 0.0
     model.eval()
     for prompt in prompts:
@@ -74,7 +87,8 @@ def check_merged_matches(model, tokenizer, merged: Path, prompts) -> dict:
             trained = model(input_ids=ids).logits.float()
             with model.disable_adapter():
                 base = model(input_ids=ids).logits.float()
-            error = max(error, (trained - merged_model(input_ids=ids).logits.float()).abs().max().item())
+            merged_logits = merged_model(input_ids=ids.to(merged_model.device)).logits.float().to(trained.device)
+            error = max(error, (trained - merged_logits).abs().max().item())
             effect = max(effect, (trained - base).abs().max().item())
     del merged_model
     ratio = error / max(effect, 1e-6)
@@ -83,6 +97,14 @@ def check_merged_matches(model, tokenizer, merged: Path, prompts) -> dict:
                        f"{ratio:.0%} of the adapter's own effect ({effect:.4f}), over {MERGE_TOLERANCE:.0%}; "
                        f"the export stops here")
     return {"max_logit_error": error, "adapter_effect": effect, "ratio": ratio}
+
+
+def load_reference_model(model_dir: Path):
+    """A saved model in float32 for exact comparisons. device_map="auto" puts what fits on the GPU and the
+    rest in CPU memory, so an 8B check after training does not run out of GPU memory (it is slower)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, device_map="auto").eval()
 
 
 def convert_to_gguf(merged: Path, out_dir: Path, stem: str, types, log=print) -> dict:

@@ -1,6 +1,6 @@
 """Recipes: one YAML file per model or method, validated before anything heavy is loaded.
 
-A recipe has five sections. `dpo:` keys are trl.DPOConfig's own field names (checked against TRL's
+A recipe has five sections (and an optional `name`, which defaults to the file's stem). `dpo:` keys are trl.DPOConfig's own field names (checked against TRL's
 dataclass, so a field TRL adds works here unchanged); the other sections are ours and small:
 
     model:  name (hub id, local folder, or `tiny`), max_seq_length, load_in_4bit, dtype, chat_template,
@@ -89,6 +89,7 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
             raise AppError(f"override '{item}' is not of the form section.key=value (e.g. dpo.beta=0.2)")
         raw.setdefault(section, {})[field] = yaml.safe_load(value) if value else None
 
+    name = raw.pop("name", None) or path.stem  # a run's resolved recipe.yaml keeps its recipe's name
     _check_keys(path, raw, "", SECTIONS)
     sections = {}
     for section in SECTIONS:
@@ -98,7 +99,7 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
         valid = OUR_KEYS.get(section) or dpo_config_fields()
         _check_keys(path, given, section + ".", valid)
         sections[section] = {**DEFAULTS[section], **given}
-    recipe = Recipe(name=path.stem, path=path, **sections)
+    recipe = Recipe(name=str(name), path=path, **sections)
     _check_values(recipe)
     return recipe
 
@@ -157,4 +158,4 @@ def dpo_config_fields() -> set[str]:
 def save_recipe(recipe: Recipe, path: Path):
     """The resolved recipe (defaults and overrides applied), so a run folder says exactly what ran."""
     header = f"# resolved from {recipe.path.name}; rerun with: python -m app dpo {path}\n"
-    path.write_text(header + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    path.write_text(header + yaml.safe_dump({"name": recipe.name, **recipe.to_dict()}, sort_keys=False))

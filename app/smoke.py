@@ -48,11 +48,12 @@ def smoke_run(run: Path, probes, log=print) -> list[dict]:
 
 
 def check_ggufs(merged: Path, ggufs, probes, log=print) -> list[dict]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from app.export import load_reference_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
-    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    model = load_reference_model(merged)
     reference = [hf_reference(model, tokenizer, p) for p in probes]
     results = [check_gguf(path, tokenizer, reference) for path in ggufs]
     log(format_table(results))
@@ -69,11 +70,11 @@ def hf_reference(model, tokenizer, prompt) -> dict:
     reply = []
     with torch.no_grad():
         for _ in range(MAX_NEW_TOKENS):  # plain greedy loop: the exact argmax, no generation-config surprises
-            logits = model(input_ids=torch.tensor([ids + reply])).logits[0, -1]
+            logits = model(input_ids=torch.tensor([ids + reply], device=model.device)).logits[0, -1]
             reply.append(int(logits.argmax()))
             if reply[-1] in eos:
                 break
-        logits = model(input_ids=torch.tensor([ids + reply])).logits[0].numpy()
+        logits = model(input_ids=torch.tensor([ids + reply], device=model.device)).logits[0].float().cpu().numpy()
     return {"messages": messages, "prompt_ids": ids, "reply_ids": reply, "logits": logits,
             "ends_with_eos": bool(reply) and reply[-1] in eos}
 

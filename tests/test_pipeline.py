@@ -67,3 +67,19 @@ def test_chat_answers_a_piped_prompt_and_stops(tiny_run):
     assert proc.returncode == 0, proc.stderr
     reply = proc.stdout.strip()
     assert len(reply.split()) >= 3, reply
+
+
+def test_export_from_the_run_folder_alone_recreates_every_gguf(tiny_run):
+    """`python -m app export RUN` after the exports are gone: it reloads base + adapter through Unsloth."""
+    import shutil
+
+    from app.cli import main
+
+    shutil.rmtree(tiny_run / "gguf")
+    shutil.rmtree(tiny_run / "merged")
+    (tiny_run / "smoke.json").unlink()
+    assert main(["export", str(tiny_run)]) == 0
+    assert sorted(p.name for p in (tiny_run / "gguf").iterdir()) == [
+        "tiny-f16.gguf", "tiny-q4_k_m.gguf", "tiny-q8_0.gguf"]
+    assert json.loads((tiny_run / "smoke.json").read_text())["passed"]
+    assert set(json.loads((tiny_run / "manifest.json").read_text())["files"]) >= {"gguf/tiny-q8_0.gguf", "smoke.json"}
