@@ -4,6 +4,7 @@
     python -m app export [RUN]                                  adapter -> merged -> GGUF (from a run folder)
     python -m app smoke [RUN]                                   llama.cpp checks every GGUF of a run
     python -m app chat [RUN_OR_GGUF] [--quant q4_k_m]           chat with a GGUF
+    python -m app data inspect SOURCE [--recipe R] [--json]     a dataset as the trainer will see it
     python -m app recipes                                       list the recipes
     python -m app setup                                         fetch llama.cpp's converter (make setup does it)
 """
@@ -11,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from app import AppError
 
@@ -33,6 +35,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("data", help="inspect a preference dataset as the trainer will see it")
+    p.add_argument("action", choices=["inspect"])
+    p.add_argument("source", help="a local file or folder, or a hub dataset id")
+    p.add_argument("--recipe", help="render examples with this recipe's chat template; use its data settings")
+    p.add_argument("--split", help="hub split (default: the recipe's, else train)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--dump", metavar="FILE", help="write the normalized rows (before templating) as JSONL")
     sub.add_parser("recipes", help="list the recipes")
     sub.add_parser("setup", help="fetch llama.cpp's converter for the installed llama-cpp-python")
     args = parser.parse_args(argv)
@@ -61,7 +70,8 @@ def cmd_dpo(args):
     from app.model import check_model_environment, load_model, resolve_model_source
     check_model_environment(recipe)  # GPU, model files, network: said before anything is loaded
     data = load_preference_data(recipe.data)
-    print(f"data: {data.source}: {data.rows} pairs -> {len(data.train)} train, "
+    dropped = "".join(f", {n} dropped ({reason})" for reason, n in data.dropped.items())
+    print(f"data: {data.source} ({data.format}): {data.rows} rows{dropped} -> {len(data.train)} train, "
           f"{len(data.eval) if data.eval is not None else 0} held out")
     source = resolve_model_source(recipe)
     model, tokenizer = load_model(recipe, source)
@@ -127,13 +137,47 @@ def cmd_chat(args):
          temperature=args.temperature, seed=args.seed)
 
 
+def cmd_data(args):
+    import json
+
+    from app.data import inspect_data
+    from app.recipe import load_recipe
+    from app.runs import write_text
+
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    data = {**(recipe.data if recipe else {}), "source": args.source}
+    if args.split:
+        data["split"] = args.split
+    tokenizer = None
+    if recipe:
+        from app.model import load_tokenizer
+        tokenizer = load_tokenizer(recipe)
+    report, rows = inspect_data(data, tokenizer, recipe.dpo.get("max_length", 1024) if recipe else None)
+    if args.dump:
+        write_text(Path(args.dump), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"source: {report['source']}\nformat: {report['format']}\n"
+          f"kept {report['rows_kept']} of {report['rows_read']} rows")
+    for reason, n in report["dropped"].items():
+        print(f"  dropped  {n:>6}  {reason}")
+    if "longer_than_max_length" in report:
+        print(f"  longer than max_length {report['max_length']} tokens (truncated in training): "
+              f"{report['longer_than_max_length']}")
+    for i, row in enumerate(rows[:2] if tokenizer else [], 1):
+        for side in ("chosen", "rejected"):
+            text = tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=False)
+            print(f"\n--- example {i}, prompt + {side}, as the trainer sees it ---\n{text}")
+
+
 def cmd_recipes(args):
     from app.recipe import load_recipe, recipe_names
-    print(f"{'recipe':<16} {'model':<48} {'GPU':<4} data")
+    print(f"{'recipe':<13} {'model':<46} {'size':>5} {'GPU GB':>6}  data")
     for name in recipe_names():
         r = load_recipe(name)
-        print(f"{name:<16} {r.model['name']:<48} {'yes' if r.model.get('requires_gpu') else 'no':<4} "
-              f"{r.data['source']}")
+        gpu = f"{r.model['gpu_memory_gb']}" if r.model.get("requires_gpu") else "none"
+        print(f"{name:<13} {r.model['name']:<46} {r.model.get('params') or '?':>5} {gpu:>6}  {r.data['source']}")
 
 
 def cmd_setup(args):
@@ -150,8 +194,8 @@ def print_training_summary(s: dict):
         print(f"prompt: {r['prompt']}\n  before DPO: {r['before']}\n  after DPO:  {r['after']}")
 
 
-COMMANDS = {"dpo": cmd_dpo, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "recipes": cmd_recipes,
-            "setup": cmd_setup}
+COMMANDS = {"dpo": cmd_dpo, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "data": cmd_data,
+            "recipes": cmd_recipes, "setup": cmd_setup}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,10 +1,20 @@
-"""Preference data: load a local file or a hub dataset, check every row, convert to TRL's format, split.
+"""Preference data: load a local file or a hub dataset, detect its format, check every row, split.
 
 Rows leave this stage in TRL's conversational preference format:
     {"prompt": [{"role": "user", "content": ...}], "chosen": [{"role": "assistant", ...}], "rejected": [...]}
 so that DPOTrainer renders every pair through the model's own chat template (plain strings would be
 trained without it, and the model would then see a different layout at chat time).
+
+Formats, detected per row:
+    standard         prompt, chosen, rejected as strings
+    conversational   message lists, with a prompt list or without (then the shared leading messages are it)
+    hh               Anthropic HH raw: only chosen and rejected, each a whole "\n\nHuman: ... \n\nAssistant: ..."
+                     dialogue, split at the LAST "\n\nAssistant:" of each side
+Other column names are mapped by the recipe: data.columns: {prompt: question, chosen: good, rejected: bad}.
+A row that is malformed (missing column, not an object) stops the run naming its line; a row that is
+merely unusable (empty, chosen == rejected, duplicate, ...) is dropped and counted by reason.
 """
+import collections
 import csv
 import dataclasses
 import json
@@ -14,6 +24,7 @@ from app import ROOT, AppError
 
 FIELDS = ("prompt", "chosen", "rejected")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
 
 @dataclasses.dataclass
@@ -21,18 +32,23 @@ class PreferenceData:
     train: object        # datasets.Dataset
     eval: object         # datasets.Dataset or None
     source: str
-    rows: int            # rows read, before the split
+    format: str          # the formats seen, e.g. "hh" or "standard"
+    rows: int            # rows read
+    dropped: dict        # reason -> count
 
 
 def load_preference_data(data: dict) -> PreferenceData:
-    """`data` is the recipe's data section: source, split, eval_share, max_rows, seed."""
+    """`data` is the recipe's data section: source, split, config, columns, eval_share, max_rows, seed."""
     source = str(data["source"])
-    rows = read_rows(source, data.get("split", "train"))
+    read = read_rows(source, data.get("split", "train"), data.get("config"))
     if data.get("max_rows"):
-        rows = rows[: int(data["max_rows"])]
-    if not rows:
+        read = read[: int(data["max_rows"])]
+    if not read:
         raise AppError(f"{source}: the dataset is empty")
-    rows = [to_conversational(row, where) for where, row in rows]
+    rows, formats, dropped = normalize_rows(read, data.get("columns"))
+    if not rows:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+        raise AppError(f"{source}: no usable rows among {len(read)} ({reasons})")
 
     import datasets
     dataset = datasets.Dataset.from_list(rows).shuffle(seed=data.get("seed", 0))
@@ -42,17 +58,83 @@ def load_preference_data(data: dict) -> PreferenceData:
         if len(dataset) - n_eval < 1:
             raise AppError(f"{source}: {len(dataset)} rows are too few to hold out {share:.0%} for evaluation")
         dataset, evalset = dataset.select(range(n_eval, len(dataset))), dataset.select(range(n_eval))
-    return PreferenceData(train=dataset, eval=evalset, source=source, rows=len(rows))
+    return PreferenceData(train=dataset, eval=evalset, source=source, format="+".join(sorted(formats)),
+                          rows=len(read), dropped=dict(dropped))
 
 
-def read_rows(source: str, split: str) -> list[tuple[str, dict]]:
-    """[(where, row)] with `where` naming the line or row for error messages."""
+def inspect_data(data: dict, tokenizer=None, max_length: int | None = None) -> tuple[dict, list[dict]]:
+    """(report, normalized rows) for `data inspect`: format, counts by reason and, given the recipe's
+    tokenizer, how many pairs exceed max_length tokens once rendered through the chat template."""
+    read = read_rows(str(data["source"]), data.get("split", "train"), data.get("config"))
+    rows, formats, dropped = normalize_rows(read, data.get("columns"))
+    report = {"source": str(data["source"]), "format": "+".join(sorted(formats)) or "none",
+              "rows_read": len(read), "rows_kept": len(rows), "dropped": dict(dropped)}
+    if tokenizer is not None and max_length:
+        report["longer_than_max_length"] = sum(
+            max(len(tokenizer.apply_chat_template(r["prompt"] + r[side], tokenize=True, return_dict=True)["input_ids"])
+                for side in ("chosen", "rejected")) > max_length for r in rows)
+        report["max_length"] = max_length
+    return report, rows
+
+
+def normalize_rows(read, columns=None) -> tuple[list[dict], set, collections.Counter]:
+    """(rows in TRL's conversational format, formats seen, Counter of dropped rows by reason)."""
+    rows, formats, dropped, seen = [], set(), collections.Counter(), set()
+    for where, row in read:
+        row = map_columns(row, columns, where)
+        fmt = detect_format(row)
+        try:
+            row = to_conversational(row, where)
+        except DroppedRow as e:
+            dropped[e.reason] += 1
+            continue
+        key = json.dumps(row, sort_keys=True)
+        if key in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        formats.add(fmt)
+        rows.append(row)
+    return rows, formats, dropped
+
+
+class DroppedRow(Exception):
+    """A row that is well-formed but unusable; counted by reason, not fatal."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def map_columns(row, columns, where):
+    if not columns or not isinstance(row, dict):
+        return row
+    missing = [name for name in columns.values() if name not in row]
+    if missing:
+        raise AppError(f"{where}: no column '{missing[0]}' (mapped in data.columns); it has {', '.join(row)}")
+    return {**{k: v for k, v in row.items() if k not in FIELDS}, **{ours: row[theirs] for ours, theirs in columns.items()}}
+
+
+def detect_format(row) -> str:
+    if not isinstance(row, dict):
+        return "invalid"
+    chosen = row.get("chosen")
+    if row.get("prompt") in (None, "") and isinstance(chosen, str) and HUMAN in chosen and ASSISTANT in chosen:
+        return "hh"
+    return "conversational" if isinstance(chosen, list) else "standard"
+
+
+def read_rows(source: str, split: str = "train", config: str | None = None) -> list[tuple[str, dict]]:
+    """[(where, row)] with `where` naming the line or row for error messages. A folder is loaded by
+    `datasets` exactly like a hub id (a saved or downloaded dataset)."""
     path = Path(source) if Path(source).is_absolute() else ROOT / source
+    if path.is_dir():
+        return read_hub_rows(str(path), split, config)
     if path.suffix in LOCAL_SUFFIXES or path.exists() or source.startswith((".", "/")):
         if not path.is_file():
             raise AppError(f"data file {source} does not exist")
         return read_local_rows(path)
-    return read_hub_rows(source, split)
+    return read_hub_rows(source, split, config)
 
 
 def read_local_rows(path: Path) -> list[tuple[str, dict]]:
@@ -84,10 +166,10 @@ def read_local_rows(path: Path) -> list[tuple[str, dict]]:
     raise AppError(f"{name}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
 
 
-def read_hub_rows(source: str, split: str) -> list[tuple[str, dict]]:
+def read_hub_rows(source: str, split: str, config: str | None = None) -> list[tuple[str, dict]]:
     import datasets
     try:
-        dataset = datasets.load_dataset(source, split=split)
+        dataset = datasets.load_dataset(source, config, split=split)
     except Exception as e:  # offline, unknown id, unknown split: datasets raises many types
         raise AppError(f"could not load dataset '{source}' split '{split}' from the hub or its cache "
                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -95,36 +177,78 @@ def read_hub_rows(source: str, split: str) -> list[tuple[str, dict]]:
 
 
 def to_conversational(row, where: str) -> dict:
-    """A row -> TRL's conversational preference format, or AppError naming the row. Accepted:
-    strings (prompt/chosen/rejected), message lists, and message lists without `prompt` (as in
-    trl-lib/ultrafeedback_binarized), where the prompt is the messages both sides share."""
+    """One row -> TRL's conversational format. AppError (naming the row) when it is malformed;
+    DroppedRow when it is well-formed but unusable."""
     if not isinstance(row, dict):
         raise AppError(f"{where}: expected an object with {', '.join(FIELDS)}")
-    if row.get("prompt") in (None, "", []) and all(_is_messages(row.get(k)) for k in ("chosen", "rejected")):
-        row = split_shared_prompt(row, where)
-    missing = [k for k in FIELDS if row.get(k) in (None, "", [])]
+    fmt = detect_format(row)
+    needed = ("chosen", "rejected") if fmt == "hh" or "prompt" not in row and isinstance(row.get("chosen"), list) \
+        else FIELDS
+    missing = [k for k in needed if k not in row]
     if missing:
-        raise AppError(f"{where}: missing or empty '{missing[0]}' (each row needs {', '.join(FIELDS)})")
+        raise AppError(f"{where}: missing '{missing[0]}' (each row needs {', '.join(FIELDS)}; "
+                       f"map other column names with data.columns)")
+    if fmt == "hh":
+        row = split_hh_dialogues(row["chosen"], row["rejected"])
+    elif row.get("prompt") in (None, "", []) and all(_is_messages(row.get(k)) for k in ("chosen", "rejected")):
+        row = split_shared_prompt(row)
     out = {}
     for key, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant")):
-        value = row[key]
+        value = row.get(key)
         if isinstance(value, str):
             value = [{"role": role, "content": value}]
         elif not _is_messages(value):
-            raise AppError(f"{where}: '{key}' must be a string or a list of {{role, content}} messages")
+            raise DroppedRow(f"empty {key}" if value in (None, "", []) else f"non-string {key}")
+        if any(not isinstance(m["content"], str) for m in value):
+            raise DroppedRow(f"non-string {key}")
+        if not value[-1]["content"].strip():
+            raise DroppedRow(f"empty {key}")
         out[key] = [{"role": m["role"], "content": m["content"]} for m in value]
+    if out["chosen"] == out["rejected"]:
+        raise DroppedRow("chosen equals rejected")
     return out
 
 
-def split_shared_prompt(row: dict, where: str) -> dict:
+def split_hh_dialogues(chosen: str, rejected: str) -> dict:
+    """Anthropic HH raw: each side is a whole dialogue. The response is what follows the LAST
+    "\n\nAssistant:"; everything before it is the prompt and must be the same on both sides. (A
+    character-level common prefix would cut into the replies whenever they begin with the same words.)"""
+    (prompt_c, reply_c), (prompt_r, reply_r) = (_split_last_turn(t) for t in (chosen, rejected))
+    if prompt_c != prompt_r:
+        raise DroppedRow("hh prompts differ")
+    return {"prompt": _hh_messages(prompt_c), "chosen": reply_c.strip(), "rejected": reply_r.strip()}
+
+
+def _split_last_turn(text: str) -> tuple[str, str]:
+    cut = text.rfind(ASSISTANT)
+    return text[:cut], text[cut + len(ASSISTANT):]
+
+
+def _hh_messages(prompt: str) -> list[dict]:
+    """"\n\nHuman: a\n\nAssistant: b\n\nHuman: c" -> user/assistant/user messages."""
+    messages, rest = [], prompt
+    while rest:
+        role = "user" if rest.startswith(HUMAN) else "assistant" if rest.startswith(ASSISTANT) else None
+        if role is None:
+            raise DroppedRow("hh turn markers malformed")
+        rest = rest[len(HUMAN if role == "user" else ASSISTANT):]
+        nxt = min([i for i in (rest.find(HUMAN), rest.find(ASSISTANT)) if i >= 0], default=len(rest))
+        messages.append({"role": role, "content": rest[:nxt].strip()})
+        rest = rest[nxt:]
+    if not messages or messages[-1]["role"] != "user":
+        raise DroppedRow("hh prompt does not end with a human turn")
+    return messages
+
+
+def split_shared_prompt(row: dict) -> dict:
     """Whole conversations on both sides: the shared leading messages are the prompt. Split by message,
     never by characters, so replies that begin with the same words stay whole."""
     chosen, rejected = row["chosen"], row["rejected"]
     n = 0
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
-    if n == 0 or chosen[n:] == [] or rejected[n:] == []:
-        raise AppError(f"{where}: 'chosen' and 'rejected' share no prompt messages and there is no 'prompt'")
+    if n == 0:
+        raise DroppedRow("no shared prompt messages")
     return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 

@@ -41,7 +41,7 @@ def check_model_environment(recipe):
                         f"(no network)")
     if problems:
         raise AppError(f"recipe '{recipe.name}' cannot run here: {' and '.join(problems)}"
-                       + ("; see README 'GPU use'" if needs_gpu else ""))
+                       + ("; a GPU recipe can be forced onto the CPU with --set model.requires_gpu=false, slowly" if needs_gpu else ""))
     if not local and is_cached(name):
         os.environ.setdefault("HF_HUB_OFFLINE", "0" if hub_reachable() else "1")
 
@@ -93,6 +93,21 @@ def load_trained_model(recipe, adapter_dir: Path):
     m = recipe.model
     return FastLanguageModel.from_pretrained(model_name=str(adapter_dir), max_seq_length=m["max_seq_length"],
                                              dtype=_dtype(m["dtype"]), load_in_4bit=m["load_in_4bit"])
+
+
+def load_tokenizer(recipe):
+    """The recipe's tokenizer with its chat template, without loading model weights (for data inspect)."""
+    from transformers import AutoTokenizer
+
+    name = str(recipe.model["name"])
+    if name == "tiny":
+        from app.tiny import ensure_tiny_model
+        name = str(ensure_tiny_model())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise AppError(f"could not load the tokenizer of '{name}' ({str(e).splitlines()[0]})") from None
+    return fix_chat_template(tokenizer, recipe.model.get("chat_template"), recipe.name)
 
 
 def fix_chat_template(tokenizer, template_name, recipe_name):

@@ -9,8 +9,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from app import ROOT  # noqa: E402
+from app.model import import_unsloth  # noqa: E402
 from app.runs import EXPORTS  # noqa: E402
+
+import_unsloth()  # before any test imports transformers, TRL or PEFT, as in the app (it patches them)
 
 TINY_STEPS = 40  # enough for the tiny model to prefer the polite style clearly; the recipe's default is 60
 

@@ -34,7 +34,7 @@ CASES = {
                           "missing.jsonl does not exist"),
     "empty dataset": (lambda t: ["dpo", write_recipe(t, rows=[])], "the dataset is empty"),
     "row without rejected": (lambda t: ["dpo", write_recipe(t, rows=[GOOD, GOOD, '{"prompt": "a", "chosen": "b"}'])],
-                             "data.jsonl line 3: missing or empty 'rejected'"),
+                             "data.jsonl line 3: missing 'rejected'"),
     "broken JSON line": (lambda t: ["dpo", write_recipe(t, rows=[GOOD, '{"prompt": "a",'])],
                          "data.jsonl line 2: not valid JSON"),
     "non-positive beta": (lambda t: ["dpo", write_recipe(t, dpo__beta=0)], "dpo.beta must be a positive number"),
