@@ -38,7 +38,8 @@ class PreferenceData:
 
 
 def load_preference_data(data: dict) -> PreferenceData:
-    """`data` is the recipe's data section: source, split, config, columns, eval_share, max_rows, seed."""
+    """`data` is the recipe's data section: source, split, config, columns, eval_share or eval_split,
+    max_rows, seed."""
     source = str(data["source"])
     read = read_rows(source, data.get("split", "train"), data.get("config"))
     if data.get("max_rows"):
@@ -53,7 +54,12 @@ def load_preference_data(data: dict) -> PreferenceData:
     import datasets
     dataset = datasets.Dataset.from_list(rows).shuffle(seed=data.get("seed", 0))
     share, evalset = data.get("eval_share") or 0, None
-    if share:
+    if data.get("eval_split"):  # a named held-out split (e.g. test_prefs) instead of a share
+        eval_rows, _, _ = normalize_rows(read_rows(source, data["eval_split"], data.get("config")), data.get("columns"))
+        if not eval_rows:
+            raise AppError(f"{source}: split '{data['eval_split']}' has no usable rows")
+        evalset = datasets.Dataset.from_list(eval_rows)
+    elif share:
         n_eval = max(1, round(len(dataset) * share))
         if len(dataset) - n_eval < 1:
             raise AppError(f"{source}: {len(dataset)} rows are too few to hold out {share:.0%} for evaluation")

@@ -6,7 +6,8 @@ dataclass, so a field TRL adds works here unchanged); the other sections are our
     model:  name (hub id, local folder, or `tiny`), max_seq_length, load_in_4bit, dtype, chat_template,
             requires_gpu; params and gpu_memory_gb describe it for `recipes`
     lora:   r, lora_alpha, lora_dropout, target_modules, bias, use_rslora, random_state
-    data:   source (hub id, local file or dataset folder), split, config, columns, eval_share, max_rows, seed
+    data:   source (hub id, local file or dataset folder), split, config, columns, eval_share or
+            eval_split, max_rows, seed
     dpo:    any trl.DPOConfig field (beta, learning_rate, max_length, max_steps, ...)
     export: gguf (list of types: f32, f16, bf16, q8_0, q4_k_m, ...), probes (prompts for the smoke test)
 """
@@ -26,7 +27,7 @@ OUR_KEYS = {
     "model": {"name", "params", "gpu_memory_gb", "max_seq_length", "load_in_4bit", "dtype", "chat_template",
               "requires_gpu"},
     "lora": {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "random_state"},
-    "data": {"source", "split", "config", "columns", "eval_share", "max_rows", "seed"},
+    "data": {"source", "split", "config", "columns", "eval_share", "eval_split", "max_rows", "seed"},
     "export": {"gguf", "probes"},
 }
 SECTIONS = [*OUR_KEYS, "dpo"]
@@ -35,7 +36,8 @@ DEFAULTS = {
               "chat_template": None, "requires_gpu": False},
     "lora": {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none", "random_state": 3407,
              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-    "data": {"split": "train", "config": None, "columns": None, "eval_share": 0.1, "max_rows": None, "seed": 0},
+    "data": {"split": "train", "config": None, "columns": None, "eval_share": 0.1, "eval_split": None,
+             "max_rows": None, "seed": 0},
     "dpo": {},
     "export": {"gguf": ["f16", "q8_0", "q4_k_m"],
                "probes": ["What is the sun?", "Tell me about bees.", "How do I make bread?"]},

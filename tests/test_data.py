@@ -92,3 +92,14 @@ def test_data_inspect_renders_examples_through_the_recipes_chat_template(capsys)
 def test_every_fixture_keeps_rows(name):
     rows, _, _ = rows_of(name)
     assert rows
+
+
+def test_a_named_eval_split_is_the_held_out_set(tmp_path):
+    import datasets
+    folder = tmp_path / "hub-like"
+    for split, n in (("train", 30), ("test", 5)):
+        datasets.Dataset.from_list([{"prompt": f"{split} q{i}", "chosen": "good", "rejected": "bad"} for i in range(n)]
+                                   ).to_parquet(str(folder / f"{split}.parquet"))
+    data = load_preference_data({"source": str(folder), "split": "train", "eval_split": "test"})
+    assert (len(data.train), len(data.eval)) == (30, 5)
+    assert all(m[0]["content"].startswith("test") for m in data.eval["prompt"])
