@@ -41,12 +41,9 @@ def load_preference_data(data: dict) -> PreferenceData:
     """`data` is the recipe's data section: source, split, config, columns, eval_share or eval_split,
     max_rows, seed."""
     source = str(data["source"])
-    read = read_rows(source, data.get("split", "train"), data.get("config"))
-    if data.get("max_rows"):
-        read = read[: int(data["max_rows"])]
+    read, rows, formats, dropped = read_preference_rows(data)
     if not read:
         raise AppError(f"{source}: the dataset is empty")
-    rows, formats, dropped = normalize_rows(read, data.get("columns"))
     if not rows:
         reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
         raise AppError(f"{source}: no usable rows among {len(read)} ({reasons})")
@@ -71,8 +68,7 @@ def load_preference_data(data: dict) -> PreferenceData:
 def inspect_data(data: dict, tokenizer=None, max_length: int | None = None) -> tuple[dict, list[dict]]:
     """(report, normalized rows) for `data inspect`: format, counts by reason and, given the recipe's
     tokenizer, how many pairs exceed max_length tokens once rendered through the chat template."""
-    read = read_rows(str(data["source"]), data.get("split", "train"), data.get("config"))
-    rows, formats, dropped = normalize_rows(read, data.get("columns"))
+    read, rows, formats, dropped = read_preference_rows(data)
     report = {"source": str(data["source"]), "format": "+".join(sorted(formats)) or "none",
               "rows_read": len(read), "rows_kept": len(rows), "dropped": dict(dropped)}
     if tokenizer is not None and max_length:
@@ -81,6 +77,14 @@ def inspect_data(data: dict, tokenizer=None, max_length: int | None = None) -> t
                 for side in ("chosen", "rejected")) > max_length for r in rows)
         report["max_length"] = max_length
     return report, rows
+
+
+def read_preference_rows(data: dict):
+    """(rows read, normalized rows, formats seen, dropped counts) for the recipe's data section."""
+    read = read_rows(str(data["source"]), data.get("split", "train"), data.get("config"))
+    if data.get("max_rows"):
+        read = read[: int(data["max_rows"])]
+    return (read, *normalize_rows(read, data.get("columns")))
 
 
 def normalize_rows(read, columns=None) -> tuple[list[dict], set, collections.Counter]:
@@ -188,8 +192,7 @@ def to_conversational(row, where: str) -> dict:
     if not isinstance(row, dict):
         raise AppError(f"{where}: expected an object with {', '.join(FIELDS)}")
     fmt = detect_format(row)
-    needed = ("chosen", "rejected") if fmt == "hh" or "prompt" not in row and isinstance(row.get("chosen"), list) \
-        else FIELDS
+    needed = FIELDS if fmt == "standard" else ("chosen", "rejected")  # hh and conversational may omit prompt
     missing = [k for k in needed if k not in row]
     if missing:
         raise AppError(f"{where}: missing '{missing[0]}' (each row needs {', '.join(FIELDS)}; "
