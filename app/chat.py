@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from app import AppError
-from app.runs import resolve_run
+from app.runs import check_gguf_file, resolve_run
 
 PREFERENCE = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32", "q4_0")
 
@@ -33,6 +33,7 @@ def find_gguf(arg: str | None, quant: str | None = None) -> Path:
 def chat(gguf: Path, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0):
     from llama_cpp import Llama
 
+    check_gguf_file(gguf)
     llm = Llama(model_path=str(gguf), n_ctx=2048, verbose=False, seed=seed)
     interactive = sys.stdin.isatty()
     history = [{"role": "system", "content": system}] if system else []

@@ -5,6 +5,7 @@
     python -m app smoke [RUN]                                   llama.cpp checks every GGUF of a run
     python -m app chat [RUN_OR_GGUF] [--quant q4_k_m]           chat with a GGUF
     python -m app data inspect SOURCE [--recipe R] [--json]     a dataset as the trainer will see it
+    python -m app verify [RUN]                                  re-hash a run against its manifest
     python -m app recipes                                       list the recipes
     python -m app setup                                         fetch llama.cpp's converter (make setup does it)
 """
@@ -42,6 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", help="hub split (default: the recipe's, else train)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--dump", metavar="FILE", help="write the normalized rows (before templating) as JSONL")
+    p = sub.add_parser("verify", help="re-hash a run's files against its manifest")
+    p.add_argument("run", nargs="?", default="latest")
     sub.add_parser("recipes", help="list the recipes")
     sub.add_parser("setup", help="fetch llama.cpp's converter for the installed llama-cpp-python")
     args = parser.parse_args(argv)
@@ -171,6 +174,16 @@ def cmd_data(args):
             print(f"\n--- example {i}, prompt + {side}, as the trainer sees it ---\n{text}")
 
 
+def cmd_verify(args):
+    from app.runs import resolve_run, verify_run
+
+    run = resolve_run(args.run)
+    problems = verify_run(run)
+    if problems:
+        raise AppError(f"{run.name} does not match its manifest: " + "; ".join(problems))
+    print(f"{run.name}: every file matches manifest.json")
+
+
 def cmd_recipes(args):
     from app.recipe import load_recipe, recipe_names
     print(f"{'recipe':<13} {'model':<46} {'size':>5} {'GPU GB':>6}  data")
@@ -195,7 +208,7 @@ def print_training_summary(s: dict):
 
 
 COMMANDS = {"dpo": cmd_dpo, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "data": cmd_data,
-            "recipes": cmd_recipes, "setup": cmd_setup}
+            "verify": cmd_verify, "recipes": cmd_recipes, "setup": cmd_setup}
 
 if __name__ == "__main__":
     sys.exit(main())

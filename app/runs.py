@@ -69,6 +69,38 @@ def write_manifest(run: Path) -> dict:
     return manifest
 
 
+def verify_run(run: Path) -> list[str]:
+    """Problems found by re-hashing every file the manifest names ([] when the run is intact)."""
+    path = run / "manifest.json"
+    if not path.is_file():
+        raise AppError(f"{run.name} has no manifest.json: it never finished (or is being written)")
+    problems = []
+    for rel, entry in json.loads(path.read_text())["files"].items():
+        file = run / rel
+        if not file.is_file():
+            problems.append(f"{rel}: missing")
+        elif file.stat().st_size != entry["bytes"]:
+            problems.append(f"{rel}: {file.stat().st_size} bytes, the manifest says {entry['bytes']}")
+        elif sha256(file) != entry["sha256"]:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    return problems
+
+
+def check_gguf_file(path: Path):
+    """AppError unless the file starts like a GGUF (magic, version 2 or 3) and, when its run has a manifest
+    naming it, has the size recorded there: llama.cpp would crash or read garbage otherwise."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF" or int.from_bytes(head[4:8], "little") not in (2, 3):
+        raise AppError(f"{path.name} is not a GGUF file (bad magic or version)")
+    manifest = path.parent.parent / "manifest.json"
+    if manifest.is_file():
+        entry = json.loads(manifest.read_text())["files"].get(f"{path.parent.name}/{path.name}")
+        if entry and entry["bytes"] != path.stat().st_size:
+            raise AppError(f"{path.name} is {path.stat().st_size} bytes but its run's manifest says "
+                           f"{entry['bytes']}: the file is damaged or incomplete")
+
+
 def mark_latest(run: Path):
     link, tmp = EXPORTS / "latest", EXPORTS / ".latest.tmp"
     if tmp.is_symlink() or tmp.exists():

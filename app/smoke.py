@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from app import AppError
-from app.runs import write_json, write_manifest
+from app.runs import check_gguf_file, write_json, write_manifest
 
 # per type: max |logit diff|, top-1 agreement, share of HF's greedy tokens reproduced before divergence.
 # Top-1 and greedy agreement are the gates; max |diff| scales with the logit range, so for quantized types
@@ -88,6 +88,7 @@ def check_gguf(path: Path, tokenizer, reference) -> dict:
     max_abs_limit, top1_limit, lead_limit = THRESHOLDS.get(kind, THRESHOLDS["q4_0"])
     result = {"file": path.name, "type": kind, "bytes": path.stat().st_size, "passed": False, "reason": ""}
     t0 = time.time()
+    check_gguf_file(path)
     longest = max(len(r["prompt_ids"]) + len(r["reply_ids"]) for r in reference)
     llm = Llama(model_path=str(path), n_ctx=max(256, longest + MAX_NEW_TOKENS + 8), logits_all=True,
                 verbose=False, seed=0)

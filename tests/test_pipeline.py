@@ -69,6 +69,26 @@ def test_chat_answers_a_piped_prompt_and_stops(tiny_run):
     assert len(reply.split()) >= 3, reply
 
 
+def test_verify_names_a_damaged_file_and_chat_refuses_it(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from app.cli import main
+
+    assert main(["verify", str(tiny_run)]) == 0
+    copy = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("merged", "adapter", "checkpoints"))
+    gguf = copy / "gguf" / "tiny-q4_k_m.gguf"
+    gguf.write_bytes(gguf.read_bytes()[: gguf.stat().st_size // 2])  # an interrupted copy
+    capsys.readouterr()
+    assert main(["verify", str(copy)]) == 2
+    assert "gguf/tiny-q4_k_m.gguf: " in capsys.readouterr().err
+    assert main(["chat", str(gguf)]) == 2
+    assert "but its run's manifest says" in capsys.readouterr().err
+    (tmp_path / "fake.gguf").write_text("not a model")
+    assert main(["chat", str(tmp_path / "fake.gguf")]) == 2
+    assert "fake.gguf is not a GGUF file" in capsys.readouterr().err
+
+
 def test_export_from_the_run_folder_alone_recreates_every_gguf(tiny_run):
     """`python -m app export RUN` after the exports are gone: it reloads base + adapter through Unsloth."""
     import shutil
