@@ -1,7 +1,7 @@
 # Thin wrappers over `python -m app ...`; every target sets itself up on first use.
 #   make dpo [MODEL=tiny] [STEPS=N] [SET="dpo.beta=0.2 lora.r=8"]   train, export, smoke-test
-#   make export|smoke|chat [RUN=exports/<run>] [QUANT=q4_k_m]
-#   make test | setup | clean
+#   make export|smoke|chat|report [RUN=exports/<run>] [QUANT=q4_k_m]
+#   make runs | bench | test | setup | clean
 MODEL ?= tiny
 RUN ?= latest
 PYTHON ?= python3
@@ -21,7 +21,7 @@ endif
 # per set of flags here.
 LLAMA_WHEELS := $(HOME)/.cache/prefalign/llama-cpp-wheels/$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
-.PHONY: setup dpo export smoke chat recipes test clean
+.PHONY: setup dpo export smoke chat report runs recipes bench test clean
 
 setup: $(READY)
 
@@ -52,8 +52,20 @@ smoke: $(READY)
 chat: $(READY)
 	$(PY) -m app chat $(RUN) $(if $(QUANT),--quant $(QUANT))
 
+report: $(READY)
+	$(PY) -m app report $(RUN)
+
+runs: $(READY)
+	$(PY) -m app runs
+
 recipes: $(READY)
 	$(PY) -m app recipes
+
+# figures, not tests: each script appends a section to BENCHMARKS.md
+bench: $(READY)
+	$(PY) bench/export_cost.py
+	$(PY) bench/offline_default.py
+	$(PY) bench/dpo_speed.py --shape $(or $(SHAPE),tiny)   # on a GPU: make bench SHAPE=llama-1b
 
 test: $(READY)
 	$(PY) -m pytest -q tests

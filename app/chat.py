@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from app import AppError
+from app.export import CHAT_PREFERENCE
 from app.runs import check_gguf_file, resolve_run
 
-PREFERENCE = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32", "q4_0")
 
 
 def find_gguf(arg: str | None, quant: str | None = None) -> Path:
@@ -27,7 +27,7 @@ def find_gguf(arg: str | None, quant: str | None = None) -> Path:
         if quant not in files:
             raise AppError(f"{run.name} has no {quant} GGUF; it has {', '.join(sorted(files))}")
         return files[quant]
-    return next(files[t] for t in (*PREFERENCE, *files) if t in files)
+    return next(files[t] for t in (*CHAT_PREFERENCE, *files) if t in files)
 
 
 def chat(gguf: Path, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0):

@@ -6,6 +6,8 @@
     python -m app chat [RUN_OR_GGUF] [--quant q4_k_m]           chat with a GGUF
     python -m app data inspect SOURCE [--recipe R] [--json]     a dataset as the trainer will see it
     python -m app verify [RUN]                                  re-hash a run against its manifest
+    python -m app report [RUN]                                  rebuild report.md and plots/ of a run
+    python -m app runs [--sort COLUMN [--desc]] [--json]        one table of every run in exports/
     python -m app recipes                                       list the recipes
     python -m app setup                                         fetch llama.cpp's converter (make setup does it)
 """
@@ -45,6 +47,12 @@ def main(argv=None) -> int:
     p.add_argument("--dump", metavar="FILE", help="write the normalized rows (before templating) as JSONL")
     p = sub.add_parser("verify", help="re-hash a run's files against its manifest")
     p.add_argument("run", nargs="?", default="latest")
+    p = sub.add_parser("report", help="rebuild a run's report.md and plots/ from its folder")
+    p.add_argument("run", nargs="?", default="latest")
+    p = sub.add_parser("runs", help="one table of every run in exports/")
+    p.add_argument("--sort", default="run", help="a column, e.g. accuracy_after (default: run, i.e. by time)")
+    p.add_argument("--desc", action="store_true", help="sort descending")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
     sub.add_parser("recipes", help="list the recipes")
     sub.add_parser("setup", help="fetch llama.cpp's converter for the installed llama-cpp-python")
     args = parser.parse_args(argv)
@@ -91,22 +99,32 @@ def cmd_dpo(args):
     export_run(run, recipe, model, tokenizer, source)
     del model  # the smoke test loads the merged weights; the training model's memory goes back first
     smoke(run, recipe)
-    print(f"done in {time.time() - t0:.0f}s: {run}\n  chat with it: make chat   (or: python -m app chat {run.name})")
+    print(f"done in {time.time() - t0:.0f}s: {run}\n  report: {run / 'report.md'}\n"
+          f"  chat with it: make chat   (or: python -m app chat {run.name})")
 
 
 def smoke(run, recipe):
-    """llama.cpp against the merged model; `latest` moves only when every GGUF passes."""
+    """llama.cpp against the merged model, then the report and the manifest (written last);
+    `latest` moves only when every GGUF passes."""
     import gc
 
     import torch
-    from app.runs import mark_latest
+    from app.report import write_report
+    from app.runs import mark_latest, write_manifest
     from app.smoke import smoke_run
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     print("smoke: llama.cpp against the merged model")
-    smoke_run(run, recipe.export["probes"])
+    results = smoke_run(run, recipe.export["probes"])
+    report = write_report(run) if (run / "train.json").is_file() else None
+    write_manifest(run)
+    if report:
+        print_report_summary(report)
+    failed = [r for r in results if not r["passed"]]
+    if failed:
+        raise AppError("smoke test failed: " + "; ".join(f"{r['file']}: {r['reason']}" for r in failed))
     mark_latest(run)
 
 
@@ -184,6 +202,32 @@ def cmd_verify(args):
     print(f"{run.name}: every file matches manifest.json")
 
 
+def cmd_report(args):
+    from app.report import write_report
+    from app.runs import resolve_run, write_manifest
+
+    run = resolve_run(args.run)
+    report = write_report(run)
+    if (run / "manifest.json").is_file():
+        write_manifest(run)  # the report's files are part of the run
+    print_report_summary(report)
+    print(f"report: {report}")
+
+
+def cmd_runs(args):
+    import json
+
+    from app.report import format_runs_table, list_runs
+
+    rows = list_runs(args.sort, args.desc)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif not rows:
+        print("no trained runs in exports/ yet; run `make dpo` first")
+    else:
+        print(format_runs_table(rows))
+
+
 def cmd_recipes(args):
     from app.recipe import load_recipe, recipe_names
     print(f"{'recipe':<13} {'model':<46} {'size':>5} {'GPU GB':>6}  data")
@@ -199,16 +243,28 @@ def cmd_setup(args):
 
 
 def print_training_summary(s: dict):
+    before, after = s["preference"]["base"], s["preference"]["trained"]
+    if after.get("pairs"):
+        print(f"held-out preference accuracy (log-prob, {after['pairs']} pairs): {before['accuracy']:.0%} before "
+              f"-> {after['accuracy']:.0%} after; margin {before['margin']:+.2f} -> {after['margin']:+.2f} nats")
     ev = s["eval"]
     if ev:
-        print(f"held-out: reward accuracy {ev.get('eval_rewards/accuracies', 0):.2f}, margin "
+        print(f"held-out DPO reward accuracy {ev.get('eval_rewards/accuracies', 0):.2f}, margin "
               f"{ev.get('eval_rewards/margins', 0):+.3f}, loss {ev.get('eval_loss', 0):.4f}")
     for r in s["replies"]:
         print(f"prompt: {r['prompt']}\n  before DPO: {r['before']}\n  after DPO:  {r['after']}")
 
 
+def print_report_summary(report: Path):
+    """The report's five summary lines."""
+    lines = report.read_text().splitlines()
+    for line in [line for line in lines if line.startswith("- ")][:5]:
+        print(line[2:])
+
+
 COMMANDS = {"dpo": cmd_dpo, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "data": cmd_data,
-            "verify": cmd_verify, "recipes": cmd_recipes, "setup": cmd_setup}
+            "verify": cmd_verify, "report": cmd_report, "runs": cmd_runs, "recipes": cmd_recipes,
+            "setup": cmd_setup}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from app import AppError
 from app.llamacpp import run_converter
+from app.ollama import modelfile_template, write_modelfile
 from app.runs import write_manifest
 
 CONVERTED = ("f32", "f16", "bf16")  # written by the converter itself
@@ -18,6 +19,7 @@ QUANTIZED = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K
              "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
              "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # made from the f16 (or f32) file
 GGUF_TYPES = (*CONVERTED, *QUANTIZED)
+CHAT_PREFERENCE = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32", "q4_0")  # for chat and Ollama
 MERGE_TOLERANCE = 0.25  # merged-vs-trained logit error, as a share of the adapter's effect on the logits
 
 
@@ -29,7 +31,13 @@ def export_run(run: Path, recipe, model, tokenizer, base_source: str, log=print)
     log(f"  merged model matches the trained one: max logit difference {merge['max_logit_error']:.4f}, "
         f"{merge['ratio']:.1%} of the adapter's effect ({merge['adapter_effect']:.3f})")
     log(f"export: GGUF {', '.join(recipe.export['gguf'])} with llama.cpp's converter")
-    convert_to_gguf(run / "merged", run / "gguf", recipe.name, recipe.export["gguf"], log)
+    made = convert_to_gguf(run / "merged", run / "gguf", recipe.name, recipe.export["gguf"], log)
+    chosen = next(made[t] for t in (*CHAT_PREFERENCE, *made) if t in made)
+    stops = [tokenizer.convert_ids_to_tokens(i) for i in eos_ids(model, tokenizer)]
+    modelfile = write_modelfile(chosen, tokenizer.chat_template, stops, recipe.export["system"])
+    translated = modelfile_template(tokenizer.chat_template) is not None
+    log(f"  {modelfile.name} for Ollama: FROM {chosen.name}" + ("" if translated else
+        ", no TEMPLATE (this chat template's family is not translated; Ollama will use its default)"))
     write_manifest(run)
     return merge
 
@@ -97,6 +105,13 @@ def check_merged_matches(model, tokenizer, merged: Path, prompts) -> dict:
                        f"{ratio:.0%} of the adapter's own effect ({effect:.4f}), over {MERGE_TOLERANCE:.0%}; "
                        f"the export stops here")
     return {"max_logit_error": error, "adapter_effect": effect, "ratio": ratio}
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a turn: the tokenizer's EOS and the generation config's (e.g. <|eot_id|>)."""
+    ids = model.generation_config.eos_token_id
+    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+    return list(dict.fromkeys([tokenizer.eos_token_id, *ids]))
 
 
 def load_reference_model(model_dir: Path):

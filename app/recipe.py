@@ -7,9 +7,11 @@ dataclass, so a field TRL adds works here unchanged); the other sections are our
             requires_gpu; params and gpu_memory_gb describe it for `recipes`
     lora:   r, lora_alpha, lora_dropout, target_modules, bias, use_rslora, random_state
     data:   source (hub id, local file or dataset folder), split, config, columns, eval_share or
-            eval_split, max_rows, seed
+            eval_split, eval_pairs (how many held-out pairs are scored by log-prob for base, trained
+            and every GGUF), max_rows, seed
     dpo:    any trl.DPOConfig field (beta, learning_rate, max_length, max_steps, ...)
-    export: gguf (list of types: f32, f16, bf16, q8_0, q4_k_m, ...), probes (prompts for the smoke test)
+    export: gguf (list of types: f32, f16, bf16, q8_0, q4_k_m, ...), probes (prompts for the smoke test
+            and the before/after replies), system (a system prompt for the Ollama Modelfile)
 """
 import ast
 import dataclasses
@@ -27,8 +29,9 @@ OUR_KEYS = {
     "model": {"name", "params", "gpu_memory_gb", "max_seq_length", "load_in_4bit", "dtype", "chat_template",
               "requires_gpu"},
     "lora": {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "random_state"},
-    "data": {"source", "split", "config", "columns", "eval_share", "eval_split", "max_rows", "seed"},
-    "export": {"gguf", "probes"},
+    "data": {"source", "split", "config", "columns", "eval_share", "eval_split", "eval_pairs", "max_rows",
+             "seed"},
+    "export": {"gguf", "probes", "system"},
 }
 SECTIONS = [*OUR_KEYS, "dpo"]
 DEFAULTS = {
@@ -37,10 +40,10 @@ DEFAULTS = {
     "lora": {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none", "random_state": 3407,
              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
     "data": {"split": "train", "config": None, "columns": None, "eval_share": 0.1, "eval_split": None,
-             "max_rows": None, "seed": 0},
+             "eval_pairs": 200, "max_rows": None, "seed": 0},
     "dpo": {},
     "export": {"gguf": ["f16", "q8_0", "q4_k_m"],
-               "probes": ["What is the sun?", "Tell me about bees.", "How do I make bread?"]},
+               "probes": ["What is the sun?", "Tell me about bees.", "How do I make bread?"], "system": None},
 }
 
 
@@ -127,6 +130,8 @@ def _check_values(r: Recipe):
     share = r.data["eval_share"]
     if not isinstance(share, (int, float)) or not 0 <= share < 1:
         raise AppError(f"{where} data.eval_share must be a number in [0, 1), got {share!r}")
+    if not isinstance(r.data["eval_pairs"], int) or r.data["eval_pairs"] < 0:
+        raise AppError(f"{where} data.eval_pairs must be a whole number >= 0, got {r.data['eval_pairs']!r}")
     for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"):
         value = r.dpo.get(key)
         if value is not None and (not isinstance(value, int) or (value <= 0 and key != "max_steps")):

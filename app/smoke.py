@@ -10,12 +10,17 @@ For each GGUF and each probe prompt (a one-turn chat):
   only at an exact tie (HF's top two logits closer than the measured logit error); where HF ends
   with EOS, llama.cpp's own chat completion must end there too ("stop"), so chat stops by itself.
   For quantized types the share of matching leading tokens is reported against a threshold.
+- held-out pairs (app/evaluate.py): the GGUF's log-prob ranking of chosen vs rejected; f32/f16/bf16 must
+  decide every pair as the merged model does; for quantized types the accuracy is reported.
 """
+import json
 import time
 from pathlib import Path
 
 from app import AppError
-from app.runs import check_gguf_file, write_json, write_manifest
+from app.evaluate import decision_agreement, score_pairs_gguf, score_pairs_hf, summarize_scores
+from app.export import eos_ids, load_reference_model
+from app.runs import check_gguf_file, write_json
 
 # per type: max |logit diff|, top-1 agreement, share of HF's greedy tokens reproduced before divergence.
 # Top-1 and greedy agreement are the gates; max |diff| scales with the logit range, so for quantized types
@@ -27,6 +32,7 @@ THRESHOLDS = {
 }
 EXACT = ("f32", "f16", "bf16")
 MAX_NEW_TOKENS = 48
+PAIR_TIE = 0.05  # nats: a held-out pair whose log-prob margin is this close to zero may flip by rounding
 
 
 def gguf_type(path: Path) -> str:
@@ -34,28 +40,27 @@ def gguf_type(path: Path) -> str:
 
 
 def smoke_run(run: Path, probes, log=print) -> list[dict]:
-    """Check every GGUF of a run against its merged model; write smoke.json; AppError if any fails."""
+    """Check every GGUF of a run against its merged model; write smoke.json; return the results."""
     ggufs = sorted((run / "gguf").glob("*.gguf"))
     if not ggufs:
         raise AppError(f"{run.name} has no GGUF files; run `python -m app export {run.name}` first")
-    results = check_ggufs(run / "merged", ggufs, probes, log)
+    evaluation = run / "preference_eval.json"
+    evaluation = json.loads(evaluation.read_text()) if evaluation.is_file() else {"pairs": [], "beta": None}
+    results = check_ggufs(run / "merged", ggufs, probes, evaluation["pairs"], log, beta=evaluation.get("beta", 0.1))
     write_json(run / "smoke.json", {"passed": all(r["passed"] for r in results), "results": results})
-    write_manifest(run)  # smoke.json is part of the run: the manifest is rewritten, last
-    failed = [r for r in results if not r["passed"]]
-    if failed:
-        raise AppError("smoke test failed: " + "; ".join(f"{r['file']}: {r['reason']}" for r in failed))
     return results
 
 
-def check_ggufs(merged: Path, ggufs, probes, log=print) -> list[dict]:
+def check_ggufs(merged: Path, ggufs, probes, pairs=(), log=print, beta=None) -> list[dict]:
+    """`pairs`: held-out preference pairs (token ids, and the base model's scores under "base"), scored by
+    the merged model and by each GGUF."""
     from transformers import AutoTokenizer
-
-    from app.export import load_reference_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
     model = load_reference_model(merged)
     reference = [hf_reference(model, tokenizer, p) for p in probes]
-    results = [check_gguf(path, tokenizer, reference) for path in ggufs]
+    merged_scores = score_pairs_hf(model, pairs)
+    results = [check_gguf(path, tokenizer, reference, pairs, merged_scores, beta) for path in ggufs]
     log(format_table(results))
     return results
 
@@ -66,7 +71,7 @@ def hf_reference(model, tokenizer, prompt) -> dict:
 
     messages = [{"role": "user", "content": prompt}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-    eos = set(_eos_ids(model, tokenizer))
+    eos = set(eos_ids(model, tokenizer))
     reply = []
     with torch.no_grad():
         for _ in range(MAX_NEW_TOKENS):  # plain greedy loop: the exact argmax, no generation-config surprises
@@ -79,7 +84,7 @@ def hf_reference(model, tokenizer, prompt) -> dict:
             "ends_with_eos": bool(reply) and reply[-1] in eos}
 
 
-def check_gguf(path: Path, tokenizer, reference) -> dict:
+def check_gguf(path: Path, tokenizer, reference, pairs=(), merged_scores=(), beta=None) -> dict:
     import numpy as np
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -89,8 +94,9 @@ def check_gguf(path: Path, tokenizer, reference) -> dict:
     result = {"file": path.name, "type": kind, "bytes": path.stat().st_size, "passed": False, "reason": ""}
     t0 = time.time()
     check_gguf_file(path)
-    longest = max(len(r["prompt_ids"]) + len(r["reply_ids"]) for r in reference)
-    llm = Llama(model_path=str(path), n_ctx=max(256, longest + MAX_NEW_TOKENS + 8), logits_all=True,
+    longest = max([len(r["prompt_ids"]) + len(r["reply_ids"]) + MAX_NEW_TOKENS + 8 for r in reference] +
+                  [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs])
+    llm = Llama(model_path=str(path), n_ctx=max(256, longest), logits_all=True,
                 verbose=False, seed=0)
 
     # metadata
@@ -142,6 +148,17 @@ def check_gguf(path: Path, tokenizer, reference) -> dict:
             probe["chat_finish_reason"] = chat["choices"][0]["finish_reason"]
         probes.append(probe)
 
+    # held-out preference pairs: does the file rank chosen over rejected as the merged model does?
+    if pairs and not problems:
+        scores = score_pairs_gguf(llm, pairs)
+        result["preference"] = {**summarize_scores(scores, [p["base"] for p in pairs], beta),
+                                "merged_accuracy": summarize_scores(merged_scores)["accuracy"],
+                                "agreement": decision_agreement(scores, merged_scores)}
+        # exact types must decide every pair as the merged model does, ties of rounding size aside
+        if kind in EXACT and decision_agreement(scores, merged_scores, tie=PAIR_TIE) < 1:
+            problems.append(f"ranks {1 - result['preference']['agreement']:.0%} of held-out pairs unlike the "
+                            f"merged model")
+
     top1 = agree / total if total else 0.0
     lead_share = (sum(p["matching_lead"] for p in probes) / max(1, sum(p["hf_reply_tokens"] for p in probes)))
     result.update(max_abs_logit_diff=round(max_abs, 5), top1_agreement=round(top1, 4),
@@ -186,18 +203,14 @@ def gguf_greedy(llm, prompt_ids, n) -> list[int]:
     return out
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
-    return list(dict.fromkeys([tokenizer.eos_token_id, *ids]))
-
-
 def format_table(results) -> str:
-    lines = [f"{'GGUF':<28} {'MiB':>7} {'top-1':>7} {'max|Δ|':>8} {'greedy':>7} {'stops':>6}  result"]
+    lines = [f"{'GGUF':<28} {'MiB':>7} {'top-1':>7} {'max|Δ|':>8} {'greedy':>7} {'stops':>6} {'logp acc':>9} {'reward acc':>10}  result"]
     for r in results:
         probes = r.get("probes", [])
         stops = all(p.get("chat_finish_reason", "stop") == "stop" for p in probes) if probes else False
+        pref = r.get("preference", {})
+        pref, reward = (f"{pref['accuracy']:.1%}", f"{pref['reward_accuracy']:.1%}") if pref.get("pairs") else ("-", "-")
         lines.append(f"{r['file']:<28} {r['bytes'] / 2**20:7.1f} {r.get('top1_agreement', 0):7.1%} "
                      f"{r.get('max_abs_logit_diff', float('nan')):8.4f} {r.get('greedy_lead_share', 0):7.0%} "
-                     f"{'yes' if stops else 'no':>6}  {'PASS' if r['passed'] else 'FAIL: ' + r['reason']}")
+                     f"{'yes' if stops else 'no':>6} {pref:>9} {reward:>10}  {'PASS' if r['passed'] else 'FAIL: ' + r['reason']}")
     return "\n".join(lines)

@@ -13,6 +13,9 @@ from pathlib import Path
 from transformers import PrinterCallback, TrainerCallback
 
 from app import AppError
+from app.evaluate import (generate_replies, held_out_pairs, score_pairs_hf, summarize_scores,
+                          unsloth_inference)
+from app.runs import write_json
 
 
 def train_dpo(model, tokenizer, data, recipe, run: Path) -> dict:
@@ -31,8 +34,16 @@ def train_dpo(model, tokenizer, data, recipe, run: Path) -> dict:
                          eval_dataset=data.eval, processing_class=tokenizer, callbacks=[log])
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; MetricsLog prints one line per log
 
-    probes = recipe.export["probes"][:2]
-    before = generate_replies(model, tokenizer, probes)
+    # before: LoRA B starts at zero, so the model is still the base model
+    probes = recipe.export["probes"]
+    pairs, too_long = ([], 0) if data.eval is None else held_out_pairs(
+        trainer.eval_dataset, recipe.data["eval_pairs"], args.max_length)
+    with unsloth_inference(model):
+        before = generate_replies(model, tokenizer, probes)
+        base_scores = score_pairs_hf(model, pairs)
+    if data.eval is not None:
+        trainer.evaluate()  # TRL's eval metrics at step 0: where the eval curves start
+
     result = trainer.train()
     if log.bad_step is not None:
         raise AppError(f"training stopped at step {log.bad_step}: the loss is {log.bad_value} "
@@ -41,34 +52,26 @@ def train_dpo(model, tokenizer, data, recipe, run: Path) -> dict:
     final_eval = {}
     if data.eval is not None:  # reuse the eval of the last step when there was one
         final_eval = evals[-1] if evals and evals[-1]["step"] == result.global_step else trainer.evaluate()
-    after = generate_replies(model, tokenizer, probes)
+
+    # after
+    with unsloth_inference(model):
+        after = generate_replies(model, tokenizer, probes)
+        trained_scores = score_pairs_hf(model, pairs)
+    preference = {"base": summarize_scores(base_scores),
+                  "trained": summarize_scores(trained_scores, base_scores, args.beta), "left_out_too_long": too_long}
+    write_json(run / "preference_eval.json", {**preference, "beta": args.beta, "pairs": [
+        {**p, "base": b, "trained": t} for p, b, t in zip(pairs, base_scores, trained_scores)]})
 
     model.save_pretrained(str(run / "adapter"))
     tokenizer.save_pretrained(str(run / "adapter"))
     return {
         "steps": result.global_step, "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
         "train_loss": result.training_loss, "eval": {k: v for k, v in final_eval.items() if k.startswith("eval_")},
-        "peak_memory_gb": peak_memory_gb(), "replies": [{"prompt": p, "before": b, "after": a}
-                                                        for p, b, a in zip(probes, before, after)],
+        "preference": preference, "peak_memory_gb": peak_memory_gb(),
+        "data": {"source": data.source, "format": data.format, "rows": data.rows, "dropped": data.dropped,
+                 "train": len(data.train), "eval": 0 if data.eval is None else len(data.eval)},
+        "replies": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(probes, before, after)],
     }
-
-
-def generate_replies(model, tokenizer, prompts, max_new_tokens=64) -> list[str]:
-    """Greedy replies through the chat template (used to show the model before and after training)."""
-    import torch
-    from unsloth import FastLanguageModel
-
-    FastLanguageModel.for_inference(model)
-    replies = []
-    for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    FastLanguageModel.for_training(model)
-    return replies
 
 
 def peak_memory_gb() -> float:

@@ -1,0 +1,105 @@
+"""Did alignment work? Held-out preference accuracy for every form of the model, and probe replies.
+
+One measure serves the base model, the trained one and every GGUF: for each held-out pair, the sum of the
+token log-probabilities of the chosen reply and of the rejected reply given the prompt; the pair counts as
+right when chosen scores higher. Summed log-probs favour short replies, so a model can improve a lot and
+still prefer a short rejected reply outright; DPO's own reward accuracy measures the change instead
+(reward = beta * (log p_model - log p_base)), and it is computed for the trained model and every GGUF
+against the base's scores. Before training it is undefined (every reward is 0: policy = reference).
+The pairs are the trainer's own tokenization of the eval split, so every form sees the same token ids.
+"""
+import contextlib
+
+
+def held_out_pairs(eval_dataset, max_pairs: int, max_length: int | None) -> tuple[list[dict], int]:
+    """Up to `max_pairs` tokenized pairs (prompt_ids, chosen_ids, rejected_ids) from DPOTrainer's eval
+    dataset, and how many were left out because prompt + reply is longer than max_length."""
+    pairs, too_long = [], 0
+    for row in eval_dataset:
+        if len(pairs) == max_pairs:
+            break
+        longest = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+        if max_length and longest > max_length:  # the trainer truncates these; a sum over a cut reply misleads
+            too_long += 1
+            continue
+        pairs.append({k: list(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+    return pairs, too_long
+
+
+def score_pairs_hf(model, pairs) -> list[list[float]]:
+    """[log p(chosen | prompt), log p(rejected | prompt)] per pair, from a transformers model."""
+    import torch
+
+    def logp(prompt, reply):
+        ids = torch.tensor([prompt + reply], device=model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+        return float(logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None]).sum())
+
+    return [[logp(p["prompt_ids"], p["chosen_ids"]), logp(p["prompt_ids"], p["rejected_ids"])] for p in pairs]
+
+
+def score_pairs_gguf(llm, pairs) -> list[list[float]]:
+    """The same scores from a llama_cpp.Llama opened with logits_all=True."""
+    import numpy as np
+
+    def logp(prompt, reply):
+        llm.reset()
+        llm.eval(prompt + reply)
+        logits = np.asarray(llm.scores[len(prompt) - 1: len(prompt) + len(reply) - 1], dtype=np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        return float(logprobs[np.arange(len(reply)), reply].sum())
+
+    return [[logp(p["prompt_ids"], p["chosen_ids"]), logp(p["prompt_ids"], p["rejected_ids"])] for p in pairs]
+
+
+def summarize_scores(scores, base_scores=None, beta: float = 0.1) -> dict:
+    """Accuracy (chosen log-prob above rejected), mean margin and log-probs; with the base model's scores
+    also DPO's reward accuracy and margin: reward = beta * (log p_model - log p_base), as TRL computes it."""
+    n = len(scores)
+    if not n:
+        return {"pairs": 0}
+    out = {"pairs": n, "accuracy": round(sum(c > r for c, r in scores) / n, 4),
+           "margin": round(sum(c - r for c, r in scores) / n, 4),
+           "logp_chosen": round(sum(c for c, _ in scores) / n, 4),
+           "logp_rejected": round(sum(r for _, r in scores) / n, 4)}
+    if base_scores:
+        margins = [beta * ((c - bc) - (r - br)) for (c, r), (bc, br) in zip(scores, base_scores)]
+        out["reward_accuracy"] = round(sum(m > 0 for m in margins) / n, 4)
+        out["reward_margin"] = round(sum(margins) / n, 4)
+    return out
+
+
+def decision_agreement(scores, reference, tie: float = 0.0) -> float:
+    """Share of pairs decided the same way as `reference`; pairs whose reference margin is within `tie`
+    of zero count as agreeing (a rounding-sized difference may flip them either way)."""
+    same = [(c > r) == (rc > rr) or abs(rc - rr) <= tie for (c, r), (rc, rr) in zip(scores, reference)]
+    return round(sum(same) / len(same), 4) if same else 1.0
+
+
+@contextlib.contextmanager
+def unsloth_inference(model):
+    """Unsloth's fast inference mode for the duration, then back to training mode."""
+    from unsloth import FastLanguageModel
+
+    FastLanguageModel.for_inference(model)
+    try:
+        yield model
+    finally:
+        FastLanguageModel.for_training(model)
+
+
+def generate_replies(model, tokenizer, prompts, max_new_tokens=64) -> list[str]:
+    """Greedy replies through the chat template (the probes, before and after training)."""
+    import torch
+
+    replies = []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return replies

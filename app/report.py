@@ -1,0 +1,207 @@
+"""The report stage: exports/<run>/report.md with plots, from the run folder alone; and the table of runs.
+
+Reads recipe.yaml, train.json, metrics.jsonl, preference_eval.json and smoke.json; writes report.md and
+plots/*.png (matplotlib). `python -m app report RUN` rebuilds them; `python -m app runs` tabulates runs.
+"""
+import json
+from pathlib import Path
+
+import yaml
+
+from app.runs import EXPORTS, write_text
+
+PLOTS = ("loss", "rewards", "logps", "heldout_accuracy")
+
+
+def summarize_run(run: Path) -> dict | None:
+    """One run's headline figures (None for a folder that is not a trained run)."""
+    train, recipe = read_json(run / "train.json"), run / "recipe.yaml"
+    if train is None or not recipe.is_file():
+        return None
+    recipe = yaml.safe_load(recipe.read_text())
+    smoke = read_json(run / "smoke.json")
+    pref = train.get("preference", {})
+    before, after = pref.get("base", {}), pref.get("trained", {})
+    ggufs = {}
+    for r in (smoke or {}).get("results", []):
+        ggufs[r["type"]] = {"mib": round(r["bytes"] / 2**20, 1), "passed": r["passed"],
+                            "accuracy": r.get("preference", {}).get("accuracy"),
+                            "reward_accuracy": r.get("preference", {}).get("reward_accuracy")}
+    for path in sorted((run / "gguf").glob("*.gguf")):  # exported but not (yet) smoke-tested
+        ggufs.setdefault(path.stem.rsplit("-", 1)[-1], {"mib": round(path.stat().st_size / 2**20, 1),
+                                                         "passed": None, "accuracy": None,
+                                                         "reward_accuracy": None})
+    return {
+        "run": run.name, "recipe": recipe.get("name") or run.name.rsplit("-", 2)[0],
+        "model": recipe["model"]["name"], "data": str(recipe["data"]["source"]),
+        "steps": train["steps"], "train_seconds": train["train_seconds"], "peak_memory_gb": train["peak_memory_gb"],
+        "pairs": after.get("pairs", 0), "accuracy_before": before.get("accuracy"),
+        "accuracy_after": after.get("accuracy"), "reward_accuracy_after": after.get("reward_accuracy"),
+        "margin_before": before.get("margin"),
+        "margin_after": after.get("margin"),
+        "eval_reward_accuracy": train.get("eval", {}).get("eval_rewards/accuracies"),
+        "ggufs": ggufs, "smoke": None if smoke is None else ("pass" if smoke["passed"] else "fail"),
+    }
+
+
+def write_report(run: Path) -> Path:
+    """report.md and plots/ for a run; returns the report's path."""
+    s = summarize_run(run)
+    if s is None:
+        from app import AppError
+        raise AppError(f"{run.name} has no train.json and recipe.yaml: not a finished training run")
+    train = read_json(run / "train.json")
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    smoke = read_json(run / "smoke.json") or {"results": []}
+    (run / "plots").mkdir(exist_ok=True)
+    plot_curves(logs, run / "plots")
+    plot_heldout_accuracy(s, run / "plots" / "heldout_accuracy.png")
+
+    data = train.get("data", {})
+    lines = [f"# {run.name}", "",
+             f"- model: {s['model']} (recipe {s['recipe']})",
+             f"- data: {s['data']}" + (f" ({data['format']}): {data['train']} pairs trained, {data['eval']} held out"
+                                       if data else ""),
+             f"- training: {s['steps']} steps in {s['train_seconds']:.0f} s, peak memory {s['peak_memory_gb']:.2f} GB",
+             f"- held-out pairs ({s['pairs']}): chosen ranked first by log-prob {fmt_pct(s['accuracy_before'])} "
+             f"before -> {fmt_pct(s['accuracy_after'])} after (margin {fmt_num(s['margin_before'])} -> "
+             f"{fmt_num(s['margin_after'])} nats); DPO reward accuracy {fmt_pct(s['reward_accuracy_after'])}",
+             "- GGUF: " + (", ".join(f"{t} {g['mib']} MiB (reward acc {fmt_pct(g['reward_accuracy'])}, log-prob "
+                                     f"{fmt_pct(g['accuracy'])})" for t, g in s["ggufs"].items()) or "none")
+             + f"; smoke test: {(s['smoke'] or 'not run').upper()}",
+             "", "![loss](plots/loss.png)", "![rewards](plots/rewards.png)", "![log-probs](plots/logps.png)",
+             "![held-out accuracy](plots/heldout_accuracy.png)", "",
+             "## Held-out preference pairs",
+             "",
+             "Accuracy: the model gives the chosen reply a higher log-probability than the rejected one (sum "
+             "over the reply's tokens, given the prompt; it favours short replies). Reward accuracy: DPO's "
+             "implicit reward, beta * (log p_model - log p_base), is higher for the chosen reply, i.e. training "
+             "moved the model towards it. The same token ids go through every form of the model.",
+             "", "| model | accuracy | mean margin | log p(chosen) | log p(rejected) | reward accuracy | "
+             "reward margin | same decisions as merged |", "|---|---|---|---|---|---|---|---|"]
+    pref = train.get("preference", {})
+    for name, key in (("base (before)", "base"), ("trained (HF, LoRA)", "trained")):
+        lines.append(pair_row(name, pref.get(key, {})))
+    lines += [pair_row(r["file"], r["preference"]) for r in smoke["results"] if r.get("preference", {}).get("pairs")]
+    evals = [r for r in logs if "eval_loss" in r]
+    if evals:
+        lines += ["", "## TRL's eval metrics (DPO's implicit reward; 0 at step 0, where policy = reference)", "",
+                  "| step | loss | reward accuracy | reward margin | log p(chosen) | log p(rejected) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['step']} | {r['eval_loss']:.4f} | {fmt_pct(r.get('eval_rewards/accuracies'))} | "
+                  f"{fmt_num(r.get('eval_rewards/margins'))} | {fmt_num(r.get('eval_logps/chosen'))} | "
+                  f"{fmt_num(r.get('eval_logps/rejected'))} |" for r in evals]
+    lines += ["", "## Probe replies (greedy), before and after", ""]
+    for r in train.get("replies", []):
+        lines += [f"**{r['prompt']}**", "", f"- before: {r['before']}", f"- after: {r['after']}", ""]
+    if smoke["results"]:
+        from app.smoke import format_table
+        lines += ["## Smoke test: llama.cpp against the merged model", "", "```", format_table(smoke["results"]), "```"]
+    path = run / "report.md"
+    write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def pair_row(name: str, p: dict) -> str:
+    return (f"| {name} | {fmt_pct(p.get('accuracy'))} | {fmt_num(p.get('margin'))} | {fmt_num(p.get('logp_chosen'))} "
+            f"| {fmt_num(p.get('logp_rejected'))} | {fmt_pct(p.get('reward_accuracy'))} | "
+            f"{fmt_num(p.get('reward_margin'))} | {fmt_pct(p.get('agreement'))} |")
+
+
+def plot_curves(logs, out: Path):
+    """loss.png, rewards.png, logps.png: train (solid) and held-out eval (dots) against steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in logs if "loss" in r]
+    evals = [r for r in logs if "eval_loss" in r]
+
+    def curve(ax, key, label, color, eval_key=None):
+        xs = [r["step"] for r in train if key in r]
+        if xs:
+            ax.plot(xs, [r[key] for r in train if key in r], color=color, label=f"{label} (train)")
+        eval_key = eval_key or f"eval_{key}"
+        xs = [r["step"] for r in evals if eval_key in r]
+        if xs:
+            ax.plot(xs, [r[eval_key] for r in evals if eval_key in r], "o--", color=color, label=f"{label} (held out)")
+
+    panels = {
+        "loss": [("DPO loss", [("loss", "loss", "C0", "eval_loss")], "loss (log 2 = 0.693 at the start)")],
+        "rewards": [("reward margin (chosen - rejected)", [("rewards/margins", "margin", "C2", None)], "margin"),
+                    ("reward accuracy (chosen ranked first)", [("rewards/accuracies", "accuracy", "C3", None)],
+                     "share of pairs")],
+        "logps": [("log-probability of the replies", [("logps/chosen", "chosen", "C2", None),
+                                                       ("logps/rejected", "rejected", "C3", None)], "sum of token log-probs")],
+    }
+    for name, axes_spec in panels.items():
+        fig, axes = plt.subplots(1, len(axes_spec), figsize=(6 * len(axes_spec), 4), squeeze=False)
+        for ax, (title, curves, ylabel) in zip(axes[0], axes_spec):
+            for key, label, color, eval_key in curves:
+                curve(ax, key, label, color, eval_key)
+            ax.set(title=title, xlabel="step", ylabel=ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=100)
+        plt.close(fig)
+
+
+def plot_heldout_accuracy(s: dict, path: Path):
+    """Grouped bars per form of the model: log-prob accuracy and DPO reward accuracy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    forms = [("base", s["accuracy_before"], None), ("trained", s["accuracy_after"], s["reward_accuracy_after"])]
+    forms += [(f"GGUF {t}", g["accuracy"], g["reward_accuracy"]) for t, g in s["ggufs"].items()]
+    fig, ax = plt.subplots(figsize=(1.6 * len(forms) + 2, 4))
+    for offset, index, label, color in ((-0.2, 1, "chosen more likely (log-prob)", "C0"),
+                                         (0.2, 2, "DPO reward accuracy (vs base)", "C2")):
+        xs = [i + offset for i, f in enumerate(forms) if f[index] is not None]
+        values = [f[index] for f in forms if f[index] is not None]
+        drawn = ax.bar(xs, values, width=0.4, color=color, label=label)
+        ax.bar_label(drawn, labels=[f"{v:.0%}" for v in values])
+    ax.axhline(0.5, color="grey", linestyle=":", label="chance")
+    ax.set_xticks(range(len(forms)), [f[0] for f in forms])
+    ax.set(ylim=(0, 1.15), ylabel="share of held-out pairs", title=f"held-out preference pairs ({s['pairs']})")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def list_runs(sort: str = "run", descending: bool = False) -> list[dict]:
+    """Every trained run in exports/, sorted by a column (blanks last)."""
+    rows = [s for run in sorted(EXPORTS.iterdir()) if run.is_dir() and not run.is_symlink()
+            if (s := summarize_run(run)) is not None]
+    key = sort
+    if rows and key not in rows[0]:
+        from app import AppError
+        raise AppError(f"cannot sort by '{key}'; columns: {', '.join(k for k in rows[0] if k != 'ggufs')}")
+    blank = [r for r in rows if r[key] is None]
+    return sorted((r for r in rows if r[key] is not None), key=lambda r: r[key], reverse=descending) + blank
+
+
+def format_runs_table(rows) -> str:
+    """Accuracies: log-prob before -> after, then DPO reward accuracy of the trained model and each GGUF."""
+    lines = [f"{'run':<30} {'recipe':<12} {'steps':>5} {'train s':>7} {'peak GB':>7} {'log-prob acc':>12} "
+             f"{'reward acc':>10}  {'GGUF (MiB, reward acc)':<40} smoke"]
+    for r in rows:
+        ggufs = " ".join(f"{t}:{g['mib']}:{fmt_pct(g['reward_accuracy'])}" for t, g in r["ggufs"].items())
+        lines.append(f"{r['run']:<30} {r['recipe']:<12} {r['steps']:>5} {r['train_seconds']:>7.0f} "
+                     f"{r['peak_memory_gb']:>7.2f} {fmt_pct(r['accuracy_before']) + ' > ' + fmt_pct(r['accuracy_after']):>12} "
+                     f"{fmt_pct(r['reward_accuracy_after']):>10}  {ggufs:<40} {r['smoke'] or '-'}")
+    return "\n".join(lines)
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fmt_pct(x) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def fmt_num(x) -> str:
+    return "-" if x is None else f"{x:+.2f}"
