@@ -1,6 +1,8 @@
 # Thin wrappers over `python -m app ...`; every target sets itself up on first use.
 #   make dpo [MODEL=tiny] [STEPS=N] [SET="dpo.beta=0.2 lora.r=8"]   train, export, smoke-test
+#   make dpo RESUME=exports/<run>                                    continue an interrupted run
 #   make export|smoke|chat|report [RUN=exports/<run>] [QUANT=q4_k_m]
+#   make serve [RUN=exports/<run>] [QUANT=q4_k_m] [PORT=8000]        OpenAI-compatible server on 127.0.0.1
 #   make runs | bench | test | setup | clean
 MODEL ?= tiny
 RUN ?= latest
@@ -21,7 +23,7 @@ endif
 # per set of flags here.
 LLAMA_WHEELS := $(HOME)/.cache/prefalign/llama-cpp-wheels/$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
-.PHONY: setup dpo export smoke chat report runs recipes bench test clean
+.PHONY: setup dpo export smoke chat serve report runs recipes bench test clean
 
 setup: $(READY)
 
@@ -41,7 +43,8 @@ $(READY): requirements.txt
 	touch $@
 
 dpo: $(READY)
-	$(PY) -m app dpo $(MODEL) $(if $(STEPS),--set dpo.max_steps=$(STEPS)) $(foreach s,$(SET),--set $(s))
+	$(PY) -m app dpo $(MODEL) $(if $(STEPS),--set dpo.max_steps=$(STEPS)) $(foreach s,$(SET),--set $(s)) \
+	  $(if $(RESUME),--resume $(RESUME))
 
 export: $(READY)
 	$(PY) -m app export $(RUN)
@@ -51,6 +54,9 @@ smoke: $(READY)
 
 chat: $(READY)
 	$(PY) -m app chat $(RUN) $(if $(QUANT),--quant $(QUANT))
+
+serve: $(READY)
+	$(PY) -m app serve $(RUN) $(if $(QUANT),--quant $(QUANT)) $(if $(PORT),--port $(PORT))
 
 report: $(READY)
 	$(PY) -m app report $(RUN)

@@ -1,16 +1,23 @@
 """Chat with a GGUF through llama-cpp-python, using the chat template stored in the file.
 
-In a terminal: a streaming conversation (/reset, /quit). With stdin not a terminal: one prompt per line,
-each reply printed as one block, the conversation kept across lines, so it can be scripted.
+In a terminal: a streaming conversation with tokens/s after each reply. With stdin not a terminal: one
+prompt per line, each reply printed as one block ended by a blank line, so it can be scripted. Both keep
+the conversation and take the commands /reset, /system TEXT and /quit. The system prompt is --system, else
+the run's `export.system`. The conversation is kept within the context: when the rendered history plus
+max_tokens would not fit, the oldest user/assistant turns go first (the system prompt stays), with a
+one-line notice on stderr.
 """
 import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from app import AppError
 from app.export import CHAT_PREFERENCE
 from app.runs import check_gguf_file, resolve_run
 
+HELP = "/reset clears the conversation, /system TEXT replaces the system prompt, /quit leaves"
 
 
 def find_gguf(arg: str | None, quant: str | None = None) -> Path:
@@ -30,44 +37,168 @@ def find_gguf(arg: str | None, quant: str | None = None) -> Path:
     return next(files[t] for t in (*CHAT_PREFERENCE, *files) if t in files)
 
 
-def chat(gguf: Path, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7, seed: int = 0):
+def run_of(gguf: Path) -> Path | None:
+    """The run folder a GGUF belongs to (<run>/gguf/<file>), or None for a file elsewhere."""
+    run = gguf.resolve().parent.parent
+    return run if gguf.resolve().parent.name == "gguf" and (run / "recipe.yaml").is_file() else None
+
+
+def recipe_system(gguf: Path) -> str | None:
+    """The system prompt of the GGUF's run (`export.system` in its recipe.yaml; may be null)."""
+    run = run_of(gguf)
+    if run is None:
+        return None
+    try:
+        recipe = yaml.safe_load((run / "recipe.yaml").read_text()) or {}
+    except yaml.YAMLError as e:
+        raise AppError(f"{run / 'recipe.yaml'} is not valid YAML: {e}") from None
+    return (recipe.get("export") or {}).get("system") or None
+
+
+def chat(gguf: Path, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7,
+         top_p: float = 0.95, seed: int = 0, n_ctx: int = 2048):
+    """The conversation loop. `system` None means the recipe's; "" means none."""
     from llama_cpp import Llama
 
     check_gguf_file(gguf)
-    llm = Llama(model_path=str(gguf), n_ctx=2048, verbose=False, seed=seed)
+    if not 0 < max_tokens < n_ctx:
+        raise AppError(f"--max-tokens {max_tokens} must be positive and leave room for the prompt in the "
+                       f"context of {n_ctx} tokens (--ctx)")
+    system = recipe_system(gguf) if system is None else system or None
+    # n_gpu_layers=-1: every layer on the GPU when llama.cpp was built with one (make setup GPU=1); a no-op
+    # on a CPU build
+    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_gpu_layers=-1, verbose=False, seed=seed)
+    count = prompt_counter(llm)
+    sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     interactive = sys.stdin.isatty()
-    history = [{"role": "system", "content": system}] if system else []
+    turns = []  # user and assistant messages, alternating; the system prompt is kept apart
     if interactive:
-        print(f"chatting with {gguf.name} (/reset clears the conversation, /quit leaves)")
+        print(f"chatting with {gguf.name} ({HELP})" + (f"\nsystem: {system}" if system else ""))
+    for line in read_lines(interactive):
+        if line in ("/quit", "/exit"):
+            break
+        if line.startswith("/"):
+            system, turns = run_command(line, system, turns, interactive)
+            continue
+        try:
+            turns = fit_history(count, system, [*turns, {"role": "user", "content": line}], max_tokens, n_ctx)
+        except AppError as e:
+            complain(str(e), interactive)
+            continue
+        reply = stream_reply(llm, with_system(system, turns), sampling, interactive)
+        turns.append({"role": "assistant", "content": reply})
+    llm.close()
+
+
+def read_lines(interactive: bool):
+    """Non-empty lines, stripped, until EOF."""
     while True:
         try:
             line = input("you> ") if interactive else sys.stdin.readline()
         except EOFError:
-            break
+            print()
+            return
         if not interactive and not line:
-            break
-        line = line.strip()
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
-            history = history[:1] if system else []
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        reply, tokens, t0 = [], 0, time.time()
-        print("assistant> " if interactive else "", end="", flush=True)
-        for chunk in llm.create_chat_completion(messages=history, stream=True, max_tokens=max_tokens,
-                                                temperature=temperature, seed=seed):
-            piece = chunk["choices"][0]["delta"].get("content", "")
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def run_command(line: str, system: str | None, turns: list[dict], interactive: bool):
+    """/reset or /system TEXT (no TEXT: no system prompt): the system prompt and turns after it."""
+    command, _, text = line.partition(" ")
+    if command == "/reset":
+        turns, said = [], "conversation cleared"
+    elif command == "/system":
+        system, turns = text.strip() or None, []
+        said = f"system prompt {'replaced' if system else 'removed'}, conversation cleared"
+    else:
+        complain(f"unknown command {command} ({HELP})", interactive)
+        return system, turns
+    if interactive:
+        print(f"  [{said}]")
+    return system, turns
+
+
+def complain(message: str, interactive: bool):
+    """In a terminal, say it and go on; in a script, stop: a silently skipped line would shift every
+    reply block after it against its prompt."""
+    if not interactive:
+        raise AppError(message)
+    print(f"error: {message}", file=sys.stderr)
+
+
+def with_system(system: str | None, turns: list[dict]) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + turns
+
+
+def prompt_counter(llm):
+    """A function: messages -> how many tokens the prompt create_chat_completion builds from them has. Like
+    llama-cpp-python's chat handler: the GGUF's template rendered (with the generation prompt) and tokenized
+    with special tokens parsed, BOS only where the template writes it; without a template, the llama-2
+    format it falls back to."""
+    from llama_cpp import llama_chat_format
+
+    def text(token: int) -> str:
+        return llm.detokenize([token], special=True).decode(errors="replace") if token >= 0 else ""
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if template:
+        render = llama_chat_format.Jinja2ChatFormatter(template, text(llm.token_eos()), text(llm.token_bos()))
+    else:
+        render = llama_chat_format.format_llama2
+
+    def count(messages: list[dict]) -> int:
+        try:
+            result = render(messages=messages)
+        except Exception as e:  # raise_exception() in the template (e.g. no system role), or a Jinja error
+            raise AppError(f"the chat template refused the conversation: {e}") from None
+        return len(llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True))
+    return count
+
+
+def fit_history(count, system: str | None, turns: list[dict], max_tokens: int, n_ctx: int) -> list[dict]:
+    """`turns` (ending with the new user message) without its oldest user/assistant pairs, as many as must
+    go for the prompt plus max_tokens to fit n_ctx. The system prompt always stays."""
+    dropped = 0
+    while (used := count(with_system(system, turns))) + max_tokens > n_ctx:
+        if len(turns) < 3:
+            raise AppError(f"the prompt takes {used} tokens; with --max-tokens {max_tokens} it does not fit the "
+                           f"context of {n_ctx} (--ctx)")
+        turns, dropped = turns[2:], dropped + 1
+    if dropped:
+        print(f"note: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} to stay within the context of "
+              f"{n_ctx} tokens (prompt {used} + --max-tokens {max_tokens})", file=sys.stderr)
+    return turns
+
+
+def stream_reply(llm, messages: list[dict], sampling: dict, interactive: bool) -> str:
+    """Print the reply as it comes and return it. The chat handler stops at the model's EOS/end of turn.
+    In a terminal Ctrl-C stops the reply (the part said so far stays in the conversation)."""
+    pieces, t0, first = [], time.time(), None
+    print("assistant> " if interactive else "", end="", flush=True)
+    try:
+        for chunk in llm.create_chat_completion(messages=messages, stream=True, **sampling):
+            piece = chunk["choices"][0]["delta"].get("content")
             if piece:
-                tokens += 1
-                reply.append(piece)
+                first = first or time.time()
+                pieces.append(piece)  # a chunk per generated token (a split UTF-8 character waits for the next)
                 print(piece, end="", flush=True)
-        history.append({"role": "assistant", "content": "".join(reply)})
-        print()
-        if interactive:
-            print(f"  [{tokens} tokens, {tokens / max(time.time() - t0, 1e-9):.1f} tok/s]")
-        else:
-            print()  # a blank line ends each reply block
-    llm.close()
+    except KeyboardInterrupt:
+        if not interactive:
+            raise
+        print(" [stopped]", end="")
+    print()
+    if interactive:
+        print(speed(len(pieces), t0, first, time.time()))
+    else:
+        print()  # a blank line ends each reply block
+    return "".join(pieces)
+
+
+def speed(tokens: int, t0: float, first: float | None, end: float) -> str:
+    """Generation speed apart from the wait for the first token (which is mostly reading the prompt)."""
+    if tokens < 2:
+        return f"  [{tokens} token{'s' * (tokens != 1)}, {end - t0:.1f}s]"
+    rate = (tokens - 1) / max(end - first, 1e-9)
+    return f"  [{tokens} tokens, {rate:.1f} tok/s, first token after {first - t0:.2f}s]"

@@ -1,9 +1,11 @@
 """Command line: parse arguments, wire the stages together, print errors. Nothing else.
 
     python -m app dpo [RECIPE] [--set section.key=value ...]   recipe -> data -> model -> train -> export -> smoke
+    python -m app dpo --resume RUN                              continue an interrupted run from its checkpoint
     python -m app export [RUN]                                  adapter -> merged -> GGUF (from a run folder)
     python -m app smoke [RUN]                                   llama.cpp checks every GGUF of a run
     python -m app chat [RUN_OR_GGUF] [--quant q4_k_m]           chat with a GGUF
+    python -m app serve [RUN_OR_GGUF] [--port 8000]             an OpenAI-compatible server for a GGUF
     python -m app data inspect SOURCE [--recipe R] [--json]     a dataset as the trainer will see it
     python -m app verify [RUN]                                  re-hash a run against its manifest
     python -m app report [RUN]                                  rebuild report.md and plots/ of a run
@@ -27,6 +29,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("dpo", help="train with DPO, export, smoke-test (the whole pipeline)")
     p.add_argument("recipe", nargs="?", default="tiny", help="a name in recipes/ or a path to a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its newest checkpoint")
     p = sub.add_parser("export", help="merge the adapter of a run and write its GGUF files")
     p.add_argument("run", nargs="?", default="latest")
     p = sub.add_parser("smoke", help="check every GGUF of a run against its merged model with llama.cpp")
@@ -34,10 +37,18 @@ def main(argv=None) -> int:
     p = sub.add_parser("chat", help="chat with a run's GGUF (or a .gguf file)")
     p.add_argument("target", nargs="?", default="latest", help="a run folder or name, or a .gguf file")
     p.add_argument("--quant", help="which GGUF of the run (f16, q8_0, q4_k_m, ...)")
-    p.add_argument("--system", help="a system prompt")
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--system", help="a system prompt (default: the run's export.system; '' for none)")
+    p.add_argument("--max-tokens", type=int, default=256, help="the longest reply, in tokens")
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ctx", type=int, default=2048, help="context size in tokens; older turns drop out to fit")
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run's GGUF (or a .gguf file)")
+    p.add_argument("target", nargs="?", default="latest", help="a run folder or name, or a .gguf file")
+    p.add_argument("--quant", help="which GGUF of the run (f16, q8_0, q4_k_m, ...)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--ctx", type=int, default=2048, help="context size in tokens (prompt and reply)")
     p = sub.add_parser("data", help="inspect a preference dataset as the trainer will see it")
     p.add_argument("action", choices=["inspect"])
     p.add_argument("source", help="a local file or folder, or a hub dataset id")
@@ -77,7 +88,18 @@ def cmd_dpo(args):
     from app.runs import create_run, write_json
 
     t0 = time.time()
-    recipe = load_recipe(args.recipe, args.set)
+    run, checkpoint = None, None
+    if args.resume:  # the run's own recipe, its folder, its newest complete checkpoint
+        from app.runs import resolve_run
+        from app.train import last_checkpoint
+        run = resolve_run(args.resume)
+        if (run / "adapter").is_dir():
+            raise AppError(f"{run.name} finished training; to redo its export: python -m app export {run.name}")
+        checkpoint = last_checkpoint(run)
+        if checkpoint is None:
+            raise AppError(f"{run.name} has no complete checkpoint to resume from (one is written every "
+                           f"dpo.save_steps steps); start a new run")
+    recipe = load_recipe(str(run / "recipe.yaml") if run else args.recipe, args.set)
     from app.model import check_model_environment, load_model, resolve_model_source
     check_model_environment(recipe)  # GPU, model files, network: said before anything is loaded
     data = load_preference_data(recipe.data)
@@ -87,11 +109,14 @@ def cmd_dpo(args):
     source = resolve_model_source(recipe)
     model, tokenizer = load_model(recipe, source)
 
-    run = create_run(recipe.name)
-    print(f"run folder: {run}")
+    if checkpoint:
+        print(f"run folder: {run} (resuming from {checkpoint.name})")
+    else:
+        run = create_run(recipe.name)
+        print(f"run folder: {run}")
     save_recipe(recipe, run / "recipe.yaml")
     from app.train import train_dpo
-    summary = train_dpo(model, tokenizer, data, recipe, run)
+    summary = train_dpo(model, tokenizer, data, recipe, run, resume_from=checkpoint)
     write_json(run / "train.json", summary)
     print_training_summary(summary)
 
@@ -155,7 +180,13 @@ def cmd_smoke(args):
 def cmd_chat(args):
     from app.chat import chat, find_gguf
     chat(find_gguf(args.target, args.quant), system=args.system, max_tokens=args.max_tokens,
-         temperature=args.temperature, seed=args.seed)
+         temperature=args.temperature, top_p=args.top_p, seed=args.seed, n_ctx=args.ctx)
+
+
+def cmd_serve(args):
+    from app.chat import find_gguf
+    from app.serve import serve
+    serve(find_gguf(args.target, args.quant), host=args.host, port=args.port, n_ctx=args.ctx)
 
 
 def cmd_data(args):
@@ -262,8 +293,8 @@ def print_report_summary(report: Path):
         print(line[2:])
 
 
-COMMANDS = {"dpo": cmd_dpo, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "data": cmd_data,
-            "verify": cmd_verify, "report": cmd_report, "runs": cmd_runs, "recipes": cmd_recipes,
+COMMANDS = {"dpo": cmd_dpo, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "serve": cmd_serve,
+            "data": cmd_data, "verify": cmd_verify, "report": cmd_report, "runs": cmd_runs, "recipes": cmd_recipes,
             "setup": cmd_setup}
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""An OpenAI-compatible HTTP server for a GGUF: llama-cpp-python's own server (FastAPI under uvicorn), with
+the chat template stored in the GGUF and the run's name as the model id.
+
+Endpoints are llama-cpp-python's: /v1/models, /v1/chat/completions (streaming too), /v1/completions,
+/v1/embeddings, /docs. It holds one model; requests are answered one at a time, in order.
+"""
+import os
+import socket
+from pathlib import Path
+
+from app import AppError
+from app.chat import run_of
+from app.runs import check_gguf_file
+
+
+def serve(gguf: Path, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 2048):
+    """Serve until Ctrl-C (or SIGTERM): uvicorn finishes the requests under way, then returns."""
+    check_gguf_file(gguf)
+    try:
+        import uvicorn
+        from llama_cpp.server.app import create_app
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+    except ImportError as e:
+        raise AppError(f"the server needs the package {e.name}, which is not installed; run `make setup`") from None
+    sock = listen(host, port)  # before the model loads, so a taken port is said at once
+    name = model_name(gguf)
+    os.environ.pop("CONFIG_FILE", None)  # create_app would take every setting from that file instead of ours
+    # interrupt_requests=False: by default a waiting request ends the stream under way early (its client
+    # gets a reply cut short without an error); here they queue. chat_format=None: the GGUF's own template.
+    # n_gpu_layers=-1: every layer on the GPU when llama.cpp was built with one; a no-op on a CPU build.
+    app = create_app(server_settings=from_args(ServerSettings, host=host, port=port, interrupt_requests=False),
+                     model_settings=[from_args(ModelSettings, model=str(gguf), model_alias=name, chat_format=None,
+                                               n_ctx=n_ctx, n_gpu_layers=-1, verbose=False)])
+    print(f"serving {gguf.name} as model '{name}' at http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)",
+          flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn has shut down cleanly, then re-raises the Ctrl-C it caught
+        pass
+
+
+def model_name(gguf: Path) -> str:
+    """The id clients see: the run's name, or the file's stem for a GGUF outside a run."""
+    run = run_of(gguf)
+    return run.name if run else gguf.stem
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)  # SO_REUSEADDR on POSIX, as uvicorn does
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise AppError(f"cannot listen on {host}:{port} ({reason}); pick another --port or --host") from None
+
+
+def from_args(settings_class, **values):
+    """settings_class(**values), from these values only: a pydantic-settings class would also read every
+    environment variable named like one of its fields (PORT, CACHE, VERBOSE, API_KEY...), so a stray one
+    would change the server or fail its validation."""
+    class FromArgs(settings_class):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, **other_sources):
+            return (init_settings,)
+    return FromArgs(**values)
