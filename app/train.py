@@ -15,11 +15,13 @@ from transformers import PrinterCallback, TrainerCallback
 from app import AppError
 from app.evaluate import (generate_replies, held_out_pairs, score_pairs_hf, summarize_scores,
                           unsloth_inference)
-from app.runs import write_json
+from app.runs import write_json, write_text
 
 
-def train_dpo(model, tokenizer, data, recipe, run: Path) -> dict:
-    """Train in place; write metrics.jsonl and adapter/ into `run`; return a summary dict."""
+def train_dpo(model, tokenizer, data, recipe, run: Path, resume_from: Path | None = None) -> dict:
+    """Train in place; write metrics.jsonl and adapter/ into `run`; return a summary dict. With
+    `resume_from` (a checkpoint of this run), Trainer restores adapter, optimizer, scheduler and RNG
+    states and goes on from its step; metrics logged after that step are dropped first (they are redone)."""
     import torch
     from trl import DPOConfig, DPOTrainer
 
@@ -41,12 +43,20 @@ def train_dpo(model, tokenizer, data, recipe, run: Path) -> dict:
     with unsloth_inference(model):
         before = generate_replies(model, tokenizer, probes)
         base_scores = score_pairs_hf(model, pairs)
-    if data.eval is not None:
+    if resume_from:
+        keep_metrics_until(run / "metrics.jsonl", checkpoint_step(resume_from))
+        # PEFT saves the trained adapter at the checkpoint's root and TRL's frozen "ref" copy in ref/; when a
+        # checkpoint has adapter sub-folders Trainer loads only those (transformers#30505), so the trained
+        # adapter would silently restart from its initial weights. Load it here; Trainer then loads ref/.
+        model.load_adapter(str(resume_from), model.active_adapter, is_trainable=True)
+    elif data.eval is not None:
         trainer.evaluate()  # TRL's eval metrics at step 0: where the eval curves start
 
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if log.bad_step is not None:
-        raise AppError(f"training stopped at step {log.bad_step}: the loss is {log.bad_value} "
+        good = last_checkpoint(run)
+        raise AppError(f"training stopped at step {log.bad_step}: the loss is {log.bad_value}; the last good "
+                       f"checkpoint is {good.relative_to(run) if good else 'none (none was saved yet)'} "
                        f"(lower dpo.learning_rate, or check the data)")
     evals = [r for r in trainer.state.log_history if "eval_loss" in r]
     final_eval = {}
@@ -74,6 +84,24 @@ def train_dpo(model, tokenizer, data, recipe, run: Path) -> dict:
     }
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def last_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint: Trainer writes trainer_state.json last, so a checkpoint cut short
+    by a crash has none and is passed over."""
+    done = [c for c in (run / "checkpoints").glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    return max(done, key=checkpoint_step, default=None)
+
+
+def keep_metrics_until(path: Path, step: int):
+    """Drop the records logged after `step` (the resumed run logs those steps again), atomically."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        write_text(path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+
+
 def peak_memory_gb() -> float:
     import torch
     if torch.cuda.is_available():
@@ -92,6 +120,7 @@ class MetricsLog(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         from tqdm.auto import tqdm
         self.start = self.last_time = time.time()
+        self.last_tokens = state.num_input_tokens_seen  # not 0 when resuming from a checkpoint
         self.bar = tqdm(total=state.max_steps, desc="dpo", unit="step", file=sys.stderr,
                         disable=not sys.stderr.isatty(), leave=False)
 
