@@ -1,0 +1,531 @@
+"""Preflight: checks that take seconds, before any model is loaded, so that a run stops now with one sentence
+and its fix rather than after training. `python -m app preflight [--recipe R]`; `dpo` runs it first.
+
+    versions    every pin in requirements.txt is the installed version (importlib.metadata)
+    converter   llama.cpp's convert_hf_to_gguf.py is in .llamacpp/ and was unpacked from the installed
+                llama-cpp-python, i.e. the runtime's llama.cpp release (the VERSION that `make setup` records)
+    model       app.model's file checks of a local folder (config.json, safetensors, tokenizer, template);
+                with HF_HUB_OFFLINE set, a hub model must be in the cache (else training's own sentence)
+    data        every row of a local data file is read and checked as training will (app.data), without
+                building a dataset; a hub dataset must be in the cache when offline
+    disk        exports/ has room for the checkpoints, the merged 16-bit weights and every requested GGUF
+    tokenizer   llama.cpp's converter writes the vocabulary of the tokenizer saved as export saves it
+                (--vocab-only: an unknown BPE pre-tokenizer fails here, not after training); llama.cpp
+                loads it and tokenizes the chat prompt as transformers does (what the smoke test demands)
+    template    the chat template renders a conversation and ends the reply with an end-of-turn token
+    GPU memory  app.memory's estimate against the GPU's free memory; with model.auto_fit the batch that fits
+
+The tokenizer, template and GPU checks need transformers and torch (several seconds to import, more than
+everything else together), so one child process does them, started first, while this process does the
+rest. This process never imports transformers: when training follows, Unsloth is still imported before
+it (Unsloth patches transformers on import). Nothing here contacts the hub: the child runs with
+HF_HUB_OFFLINE=1 and the tokenizer checks skip a model that is not local or cached.
+
+The tokenizer and template results are kept in .cache/preflight/ under a hash of everything they read
+(the model's non-weight files, the recipe's template settings, the converter's release, the tokenizing
+libraries' versions, this code), so the next preflight of the same files needs no child at all on a
+machine without a GPU device, and only torch's CUDA query on one with a GPU.
+
+With model.auto_fit, run_preflight sets the fitted dpo fields on the recipe it was given (the one change
+it makes), so the training that follows and the run's saved recipe.yaml use them; a run's own recipe
+(resume) is never refitted, because its checkpoint was made with its batch.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from app import ROOT, AppError
+from app import llamacpp
+from app.memory import (GiB, architecture, estimate_training_memory, fit_to_memory, model_folder, parse_params,
+                        training_section)
+
+REQUIREMENTS = ROOT / "requirements.txt"
+# bits per weight of each GGUF type, llama.cpp's figures rounded up (k-quants mix types across tensors)
+GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_0": 4.6}
+PROBE_TIMEOUT = 300  # seconds; a named Unsloth chat template imports Unsloth in the child (~20 s)
+CACHE = ROOT / ".cache" / "preflight"  # tokenizer and template results, by a hash of everything they depend on
+GPU_DEVICES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".pkl")
+SKIPPED = {"tokenizer": "tokenizer: skipped, the model is not on this machine yet",
+           "template": "template: skipped, the model is not on this machine yet", "cuda": None}
+
+
+def run_preflight(recipe, *, requirements: Path = REQUIREMENTS, llamacpp_home: Path = llamacpp.HOME,
+                  cache: Path | None = CACHE, log=None) -> list[str]:
+    """The lines of the checks that passed, each "ok: ..." (also given to `log` as they come); AppError with
+    one sentence and the fix at the first that fails. `cache` keeps the tokenizer and template results of
+    files already checked (None: check again); the child process then runs only to ask a GPU, if any."""
+    t0 = time.monotonic()
+    lines = []
+
+    def ok(text):
+        lines.append(f"ok: {text}")
+        if log:
+            log(lines[-1])
+
+    arch, arch_source = architecture(recipe)
+    folder = tokenizer_folder(recipe)  # None: not on this machine yet, so the tokenizer checks are skipped
+    key = tokenizer_key(recipe, folder, llamacpp_home) if folder and cache else None
+    cached = read_cached(cache, key)
+    check_tokenizer = folder is not None and not cached
+    gpu_here = any(Path(p).exists() for p in GPU_DEVICES)  # without one, torch cannot see a GPU: no need to ask it
+    probe = Probe(recipe, folder if check_tokenizer else None, llamacpp_home) if check_tokenizer or gpu_here else None
+    try:
+        ok(check_versions(requirements))
+        ok(check_converter(llamacpp_home))
+        ok(check_model_source(recipe, folder))
+        text, train_rows = check_data(recipe)
+        ok(text)
+        ok(check_disk(recipe, arch, train_rows))
+        result = {**SKIPPED, **(probe.result() if probe else {}), **(cached or {})}
+        if check_tokenizer and key:
+            write_cached(cache, key, {k: result[k] for k in ("tokenizer", "template")})
+        for check in ("tokenizer", "template"):
+            ok(result[check])
+        ok(check_gpu_memory(recipe, arch, arch_source, result["cuda"]))
+    finally:
+        if probe:
+            probe.stop()
+    ok(f"preflight passed in {time.monotonic() - t0:.1f}s")
+    return lines
+
+
+# --- checks in this process ------------------------------------------------------------------------------
+
+def check_versions(requirements: Path = REQUIREMENTS) -> str:
+    """The first installed version that does not satisfy its pin is an error (unless PREFALIGN_ALLOW_UNPINNED
+    is set: a machine with its own torch build, say, then gets the mismatches listed instead)."""
+    import importlib.metadata
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    pins, wrong = 0, []
+    for line in requirements.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            raise AppError(f"{requirements.name}: '{line}' is not a requirement; fix: write it as name==version") from None
+        if req.marker and not req.marker.evaluate():
+            continue
+        pins += 1
+        try:
+            have = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            have = None
+        if have is None or not req.specifier.contains(have, prereleases=True):
+            wrong.append((req, have))
+    if wrong and not os.environ.get("PREFALIGN_ALLOW_UNPINNED"):
+        req, have = wrong[0]
+        state = f"{have} is installed" if have else "is not installed"
+        raise AppError(f"{req.name} {state} but {requirements.name} pins {req.name}{req.specifier}"
+                       + (f" ({len(wrong) - 1} more differ)" if len(wrong) > 1 else "")
+                       + "; fix: `make setup` installs the pins (or set PREFALIGN_ALLOW_UNPINNED=1 to go on anyway)")
+    if wrong:
+        return (f"versions: {len(wrong)} of {pins} differ from {requirements.name}, allowed by PREFALIGN_ALLOW_UNPINNED: "
+                + ", ".join(f"{r.name} {h or 'missing'} (pinned {r.specifier})" for r, h in wrong))
+    return f"versions: all {pins} pins in {requirements.name} are installed"
+
+
+def check_converter(home: Path = llamacpp.HOME) -> str:
+    converter, stamp = home / "convert_hf_to_gguf.py", home / "VERSION"
+    missing = [p.name for p in (converter, home / "conversion", home / "gguf-py", stamp) if not p.exists()]
+    if missing:
+        raise AppError(f"llama.cpp's converter is missing from {home} (no {missing[0]}), so export could not make "
+                       f"a GGUF after training; fix: `make setup` (or `python -m app setup`) unpacks it")
+    have, want = stamp.read_text().strip(), llamacpp.runtime_version()
+    if have != want:
+        raise AppError(f"the llama.cpp converter in {home} is from llama-cpp-python {have} but {want} is installed, "
+                       f"so its GGUF files may not load in the runtime; fix: `make setup` fetches the matching one")
+    return f"converter: {_show(converter)} is from llama-cpp-python {want}, the runtime's llama.cpp release"
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def tokenizer_folder(recipe) -> Path | None:
+    """The model's folder when its tokenizer can be read without a download or a build, else None."""
+    if str(recipe.model["name"]) == "tiny":
+        from app.tiny import CACHE, fingerprint
+        stamp = CACHE / "fingerprint.txt"
+        return CACHE if stamp.is_file() and stamp.read_text() == fingerprint() else None
+    return model_folder(recipe)
+
+
+def check_model_source(recipe, folder: Path | None) -> str:
+    """Where the model comes from, with app.model's own file checks (config.json, safetensors weights, a
+    tokenizer with a chat template). A model that is not here (a folder that does not exist; a hub model
+    that is not cached while HF_HUB_OFFLINE is set) is refused by app.model.check_model_environment itself,
+    in the words training would use a moment later (with the missing GPU too, when that is also the case)."""
+    from app.model import check_cached_weights, check_model_environment, check_model_folder
+
+    name = str(recipe.model["name"])
+    if name == "tiny":
+        return ("model: tiny, built in .cache/tiny-model" if folder else
+                "model: tiny is not built yet: training builds it first (~2 minutes); the tokenizer checks are skipped")
+    local = next((c for c in (Path(name), ROOT / name) if c.is_dir()), None)
+    if local:
+        check_model_folder(local, recipe)
+        return f"model: local folder {name}"
+    if folder:
+        if not recipe.model.get("allow_pickle"):
+            check_cached_weights(name)
+        return f"model: {name} is in the local Hugging Face cache"
+    if offline() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        check_model_environment(recipe)  # raises: no hub call when offline (it only probes the network when not)
+    return f"model: {name} is not cached: training downloads it first; the tokenizer checks are skipped"
+
+
+def check_data(recipe) -> tuple[str, int | None]:
+    """(line, training rows or None when unknown). A local file is read and every row checked exactly as
+    training will (app.data); a hub dataset is only looked for in the cache (loading it takes longer than
+    all of preflight; `python -m app data inspect` checks it)."""
+    from app import data as appdata
+
+    source = str(recipe.data["source"])
+    path = Path(source) if Path(source).is_absolute() else ROOT / source
+    local = path.exists() or path.suffix in appdata.LOCAL_SUFFIXES or source.startswith((".", "/"))
+    if not local:
+        cached = (_hub_cache() / f"datasets--{source.replace('/', '--')}").is_dir()
+        max_rows = recipe.data.get("max_rows")
+        rows = round(max_rows * (1 - (recipe.data.get("eval_share") or 0))) if max_rows else None
+        if cached:
+            return f"data: hub dataset {source} is in the local cache (its rows are checked when training loads it)", rows
+        if offline() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise AppError(f"dataset '{source}' is not in the local Hugging Face cache and offline mode is set; "
+                           f"fix: download it once with network, or point data.source at a local file")
+        return f"data: hub dataset {source} is not cached: training downloads it first", rows
+    if path.is_dir():
+        return f"data: dataset folder {source} (its rows are checked when training loads it)", None
+    read = appdata.read_rows(source, recipe.data.get("split", "train"), recipe.data.get("config"))
+    if recipe.data.get("max_rows"):
+        read = read[: int(recipe.data["max_rows"])]
+    if not read:
+        raise AppError(f"{source}: the dataset is empty")
+    first = next((row for _, row in read if isinstance(row, dict)), None)
+    first = appdata.map_columns(first, recipe.data.get("columns"), "the first row") if first else {}
+    if "chosen" not in first and ("messages" in first or "completion" in first):  # sft / kto data, not pairs
+        return (f"data: {source}: {len(read)} rows that are not pairs (for sft or kto; checked when training loads "
+                f"them)", len(read))
+    rows, formats, dropped = appdata.normalize_rows(read, recipe.data.get("columns"))
+    if not rows:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+        raise AppError(f"{source}: no usable rows among {len(read)} ({reasons})")
+    share = recipe.data.get("eval_share") or 0
+    held_out = 0 if recipe.data.get("eval_split") else max(1, round(len(rows) * share)) if share else 0
+    if len(rows) - held_out < 1:
+        raise AppError(f"{source}: {len(rows)} rows are too few to hold out {share:.0%} for evaluation")
+    dropped_text = "".join(f", {n} dropped ({reason})" for reason, n in dropped.items())
+    return (f"data: {source} ({'+'.join(sorted(formats))}): {len(rows)} usable of {len(read)} rows{dropped_text}",
+            len(rows) - held_out)
+
+
+def disk_needed(recipe, arch, params: float, train_rows: int | None) -> dict:
+    """Bytes a run writes into exports/: kept checkpoints (adapter, TRL's reference adapter copy, optimizer
+    state), the final adapter, the merged 16-bit weights and every GGUF, plus the converter's base file
+    when it is not one of them (made, quantized from, then deleted)."""
+    dpo = training_section(recipe)
+    lora = arch.lora_params(recipe.lora["r"], recipe.lora["target_modules"]) if arch else 0
+    optimizer = 2 if "8bit" in str(dpo.get("optim", "")) else 8
+    batch = (dpo.get("per_device_train_batch_size") or 8) * (dpo.get("gradient_accumulation_steps") or 1)
+    steps = dpo.get("max_steps") or 0
+    if steps <= 0 and train_rows:
+        steps = round(dpo.get("num_train_epochs", 3) * -(-train_rows // batch))
+    limit = dpo.get("save_total_limit") or 2  # app/train.py's default
+    saves = steps // (dpo.get("save_steps") or 500) if steps else limit + 1
+    kept = 0 if dpo.get("save_strategy") == "no" else min(saves, limit + 1)  # a new one is written before the oldest goes
+    types = list(recipe.export["gguf"])
+    base = "f32" if "f32" in types else "f16"
+    ggufs = sum(GGUF_BITS[t] for t in types + ([base] if base not in types else [])) / 8 * params
+    return {"checkpoints": kept * lora * (4 + 4 + optimizer), "adapter": lora * 8, "merged": 2 * params,
+            "gguf": ggufs}
+
+
+def check_disk(recipe, arch, train_rows: int | None) -> str:
+    from app.runs import EXPORTS
+
+    params = arch.params if arch else parse_params(recipe.model.get("params"))
+    if not params:
+        return "disk: skipped, the model's size is unknown (set model.params, e.g. 7B)"
+    need = disk_needed(recipe, arch, params, train_rows)
+    total = sum(need.values())
+    where = EXPORTS if EXPORTS.exists() else ROOT
+    free = shutil.disk_usage(where).free
+    parts = (f"checkpoints {need['checkpoints'] / GiB:.1f}, merged 16-bit weights {need['merged'] / GiB:.1f}, "
+             f"GGUF {'/'.join(recipe.export['gguf'])} {need['gguf'] / GiB:.1f} GiB")
+    if free < total:
+        raise AppError(f"exports/ has {free / GiB:.1f} GiB free on its disk but this run writes about "
+                       f"{total / GiB:.1f} GiB ({parts}); fix: free some space (old runs in exports/) or ask for "
+                       f"fewer export.gguf types")
+    return f"disk: {free / GiB:.1f} GiB free in exports/, the run writes about {total / GiB:.2f} GiB ({parts})"
+
+
+def check_gpu_memory(recipe, arch, arch_source: str, cuda: dict | str | None) -> str:
+    """`cuda`: {free, total, name} from torch.cuda.mem_get_info in the child, None without CUDA."""
+    if arch is None:
+        return (f"GPU memory: no estimate, the architecture of {recipe.model['name']} is unknown (not local, "
+                f"not cached, not in app/memory.py's table)")
+    est = estimate_training_memory(recipe, arch=arch)
+    shape = f"batch {est.batch} x max_length {est.length}"
+    if cuda == "unknown":  # the child that asks torch timed out
+        return f"GPU memory: estimated peak {est.total:.1f} GiB at {shape}; the GPU's free memory is unknown"
+    if cuda is None:
+        return (f"GPU memory: estimated peak {est.total:.1f} GiB at {shape} ({est.summary()}; from {arch_source}); "
+                f"no GPU is present (no CUDA device), so there is nothing to compare it with"
+                + ("; this recipe sets model.requires_gpu" if recipe.model.get("requires_gpu") else ""))
+    free, gpu = cuda["free"] / GiB, f"{cuda['name']} ({cuda['total'] / GiB:.0f} GiB)"
+    if recipe.model.get("auto_fit") and not _is_run_recipe(recipe):
+        changes, sentence = fit_to_memory(recipe, free, arch)
+        training_section(recipe).update(changes)  # training and the run's recipe.yaml use the fitted values
+        if estimate_training_memory(recipe, arch=arch).total > free:
+            raise AppError(f"{sentence} on {gpu}; fix: a shorter dpo.max_length, a smaller model or a larger GPU")
+        return f"GPU memory: {sentence} on {gpu}"
+    if est.total > free:
+        raise AppError(f"recipe '{recipe.name}' needs about {est.total:.1f} GiB of GPU memory at {shape} but "
+                       f"{gpu} has {free:.1f} GiB free; fix: make dpo FIT=1 (model.auto_fit: true) picks a batch "
+                       f"that fits, or lower dpo.per_device_train_batch_size or dpo.max_length")
+    return f"GPU memory: estimated peak {est.total:.1f} GiB at {shape} of {free:.1f} GiB free on {gpu} ({est.summary()})"
+
+
+def _is_run_recipe(recipe) -> bool:
+    from app.runs import EXPORTS
+    return EXPORTS.resolve() in Path(recipe.path).resolve().parents
+
+
+def _hub_cache() -> Path:
+    from huggingface_hub import constants
+    return Path(constants.HF_HUB_CACHE).resolve()
+
+
+def _in_hub_cache(folder: Path) -> bool:
+    return folder.resolve().is_relative_to(_hub_cache())
+
+
+def _show(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def tokenizer_key(recipe, folder: Path, home: Path) -> str:
+    """A hash of everything the tokenizer and template checks read: the model folder's files other than
+    weights, the recipe's chat template settings, the converter's release, the libraries that tokenize and
+    the app code that saves the tokenizer for the converter."""
+    import importlib.metadata
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)
+                       and not p.name.endswith(".index.json")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    settings = [recipe.model.get(k) for k in ("name", "chat_template", "trust_remote_code")]
+    versions = [importlib.metadata.version(p) for p in ("transformers", "tokenizers", "llama_cpp_python")]
+    stamp = home / "VERSION"
+    h.update(json.dumps([settings, versions, stamp.read_text() if stamp.is_file() else None]).encode())
+    for module in ("preflight.py", "export.py", "model.py"):
+        h.update((ROOT / "app" / module).read_bytes())
+    return h.hexdigest()[:24]
+
+
+def read_cached(cache: Path | None, key: str | None) -> dict | None:
+    path = cache / f"{key}.json" if cache and key else None
+    if not path or not path.is_file():
+        return None
+    lines = json.loads(path.read_text())
+    return {k: f"{v} (cached: these files passed before)" for k, v in lines.items()}
+
+
+def write_cached(cache: Path, key: str, lines: dict):
+    if not all(lines[k].split(": ", 1)[1].startswith(("llama.cpp's converter", "the chat template")) for k in lines):
+        return  # only checks that ran and passed, never a skip
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{key}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(lines))
+    tmp.rename(cache / f"{key}.json")
+
+
+# --- checks in the child process -------------------------------------------------------------------------
+
+class Probe:
+    """The child process that imports transformers and torch: tokenizer, chat template, CUDA."""
+
+    def __init__(self, recipe, folder: Path | None, llamacpp_home: Path):
+        self.tmp = Path(tempfile.mkdtemp(prefix="prefalign-preflight-"))
+        model = dict(recipe.model)
+        if folder and model["name"] != "tiny" and not _in_hub_cache(folder):
+            model["name"] = str(folder)  # a relative folder, resolved here: the child runs in the repository root
+        spec = {"recipe": recipe.name, "model": model, "folder": str(folder) if folder else None,
+                "llamacpp_home": str(llamacpp_home), "out": str(self.tmp / "result.json")}
+        (self.tmp / "spec.json").write_text(json.dumps(spec))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+               "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+        env.pop("NO_LOCAL_GGUF", None)  # the converter must use its own gguf-py
+        self.log = open(self.tmp / "child.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "app.preflight", str(self.tmp / "spec.json")], cwd=ROOT,
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def result(self) -> dict:
+        try:
+            self.proc.wait(timeout=PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            why = f"skipped, the tokenizer checks did not finish in {PROBE_TIMEOUT}s"
+            return {"tokenizer": f"tokenizer: {why}", "template": f"template: {why}", "cuda": "unknown"}
+        out = self.tmp / "result.json"
+        if not out.is_file():
+            tail = [line for line in (self.tmp / "child.log").read_text(errors="replace").splitlines() if line.strip()]
+            raise AppError(f"the tokenizer checks crashed ({tail[-1] if tail else f'exit code {self.proc.returncode}'}); "
+                           f"fix: `make setup` reinstalls the environment")
+        result = json.loads(out.read_text())
+        for key in ("tokenizer", "template"):  # in this order: a tokenizer that fails to load fails both
+            if key in result and "error" in result[key]:
+                raise AppError(result[key]["error"])
+        return {key: result[key]["ok"] if key != "cuda" else result[key] for key in result}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def probe(spec: dict) -> dict:
+    """In the child: {"cuda": {free, total, name} or None, "tokenizer": {...}, "template": {...}}, each check
+    {"ok": text} or {"error": sentence}; without a folder, only "cuda"."""
+    import types
+
+    import torch
+
+    result = {"cuda": None}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        result["cuda"] = {"free": free, "total": total, "name": torch.cuda.get_device_name()}
+    if spec["folder"] is None:  # only the GPU was asked for
+        return result
+    from app.model import load_tokenizer
+
+    folder, name = Path(spec["folder"]), spec["model"]["name"]
+    recipe = types.SimpleNamespace(name=spec["recipe"], model=spec["model"])
+    try:
+        tokenizer = load_tokenizer(recipe)
+    except AppError as e:
+        return {**result, "tokenizer": {"error": str(e)}, "template": {"error": str(e)}}
+    result["template"] = check_template(tokenizer, folder, name)
+    result["tokenizer"] = check_tokenizer_converts(tokenizer, folder, name, Path(spec["llamacpp_home"]))
+    return result
+
+
+def end_of_turn_tokens(tokenizer, folder: Path) -> list[str]:
+    """The tokenizer's EOS and every EOS id of generation_config.json (e.g. Llama 3's <|eot_id|>)."""
+    ids = []
+    for name in ("generation_config.json", "config.json"):
+        if (folder / name).is_file():
+            value = json.loads((folder / name).read_text()).get("eos_token_id")
+            ids += value if isinstance(value, list) else [value] if value is not None else []
+    tokens = [tokenizer.eos_token] + [tokenizer.convert_ids_to_tokens(i) for i in ids if i is not None]
+    return [t for t in dict.fromkeys(tokens) if t]
+
+
+def check_template(tokenizer, folder: Path, name: str) -> dict:
+    reply = "Bees make honey."
+    messages = [{"role": "user", "content": "Tell me about bees."}, {"role": "assistant", "content": reply}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:  # jinja2 errors, raise_exception() in the template: many types
+        return {"error": f"the chat template of {name} cannot render a user/assistant conversation "
+                         f"({type(e).__name__}: {e}); fix: set model.chat_template to one of Unsloth's templates"}
+    ends = end_of_turn_tokens(tokenizer, folder)
+    after = text[text.rfind(reply) + len(reply):] if reply in text else text
+    found = [t for t in ends if t in after]
+    if not found:
+        return {"error": f"the chat template of {name} does not end the assistant's reply with an end-of-turn token "
+                         f"({', '.join(ends) or 'the tokenizer has no EOS'}), so the trained model would never learn "
+                         f"to stop; fix: set model.chat_template to an Unsloth template that does (e.g. chatml)"}
+    return {"ok": f"template: the chat template renders a conversation and ends the reply with {found[0]}"}
+
+
+def check_tokenizer_converts(tokenizer, folder: Path, name: str, home: Path) -> dict:
+    """Save the tokenizer as export will (transformers' files + app.export's fixes), run llama.cpp's converter
+    on it with --vocab-only (in this process: torch and transformers are already imported), then load the
+    vocabulary in llama.cpp and tokenize a chat prompt with both."""
+    import logging
+    import runpy
+
+    from app.export import prepare_tokenizer_for_converter
+
+    converter = home / "convert_hf_to_gguf.py"
+    if not converter.is_file():
+        return {"error": f"llama.cpp's converter is missing from {home}; fix: `make setup`"}
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="prefalign-vocab-") as tmp:
+        tmp = Path(tmp)
+        model_dir, out = tmp / "model", tmp / "vocab.gguf"
+        tokenizer.save_pretrained(str(model_dir))
+        for config in ("config.json", "generation_config.json"):
+            if (folder / config).is_file():
+                shutil.copy(folder / config, model_dir / config)
+        prepare_tokenizer_for_converter(model_dir, str(folder))
+
+        problems = []
+        handler = logging.Handler(level=logging.WARNING)
+        handler.emit = lambda record: problems.append(record.getMessage())
+        logging.getLogger().addHandler(handler)  # before the converter's basicConfig, which then adds nothing
+        argv, path = sys.argv, list(sys.path)
+        sys.argv = [str(converter), str(model_dir), "--vocab-only", "--outfile", str(out)]
+        sys.path.insert(0, str(home))
+        error = None
+        try:
+            runpy.run_path(str(converter), run_name="__main__")
+        except SystemExit as e:
+            error = None if e.code in (0, None) else (problems[-1] if problems else f"exit code {e.code}")
+        except Exception as e:  # e.g. NotImplementedError: BPE pre-tokenizer was not recognized
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            sys.argv, sys.path[:] = argv, path
+            logging.getLogger().removeHandler(handler)
+        if error or not out.is_file():
+            return {"error": f"llama.cpp's converter cannot write the vocabulary of {name}'s tokenizer "
+                             f"({error or 'no output'}), so export would fail after training; fix: a model whose "
+                             f"tokenizer this llama.cpp release knows, or a newer llama-cpp-python and `make setup`"}
+        seconds = time.monotonic() - t0
+        return parity(tokenizer, out, name, seconds)
+
+
+def parity(tokenizer, vocab: Path, name: str, seconds: float) -> dict:
+    """llama.cpp reads the vocabulary GGUF and tokenizes the chat prompt into transformers' ids."""
+    import llama_cpp
+
+    try:
+        llm = llama_cpp.Llama(model_path=str(vocab), vocab_only=True, verbose=False)
+    except Exception as e:
+        return {"error": f"llama.cpp cannot load the vocabulary the converter wrote for {name} ({e}); fix: "
+                         f"`make setup` so that converter and runtime are of one release"}
+    messages = [{"role": "user", "content": "What is the sun? Tell me in 2 sentences."}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    theirs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    ours = llm.tokenize(text.encode(), add_bos=False, special=True)
+    eos = llm.token_eos()
+    kind = llm.metadata.get("tokenizer.ggml.model", "?") + (
+        f", pre-tokenizer {llm.metadata['tokenizer.ggml.pre']}" if llm.metadata.get("tokenizer.ggml.pre") else "")
+    if list(ours) != list(theirs):
+        return {"error": f"llama.cpp tokenizes {name}'s chat prompt into other ids than transformers ({len(ours)} vs "
+                         f"{len(theirs)} tokens), so the smoke test would fail after training; fix: check the "
+                         f"tokenizer's special tokens (added_tokens_decoder) or set model.chat_template"}
+    if eos != tokenizer.eos_token_id:
+        return {"error": f"llama.cpp's vocabulary for {name} has EOS id {eos} but the tokenizer's is "
+                         f"{tokenizer.eos_token_id}, so GGUF replies would not stop; fix: set the tokenizer's eos_token"}
+    return {"ok": f"tokenizer: llama.cpp's converter writes its vocabulary ({llm.n_vocab()} tokens, {kind}) and "
+                  f"tokenizes the chat prompt as transformers does ({seconds:.1f}s)"}
+
+
+if __name__ == "__main__":  # the child: python -m app.preflight SPEC.json
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    answer = probe(spec)
+    Path(spec["out"]).write_text(json.dumps(answer))
