@@ -1,0 +1,125 @@
+"""Base against aligned: the same prompts, greedy replies from the model before and after training.
+
+The aligned model is the run's GGUF (the one chat uses unless --quant names another), through llama.cpp
+with the file's chat template and the recipe's `export.system`, as chat does. The base goes through
+llama.cpp too when export wrote its GGUF (`export.base: true`), else through transformers with the
+recipe's tokenizer and chat template. The replies are printed as two columns and saved as the run's
+compare.md.
+"""
+from pathlib import Path
+
+from app import AppError
+from app.chat import find_gguf, prompt_counter, with_system
+from app.export import BASE_GGUF
+from app.runs import open_gguf, write_manifest, write_text
+
+N_CTX = 2048  # tokens of prompt and reply, as chat's default --ctx
+
+
+def compare_run(run: Path, prompts_file: Path | None = None, max_tokens: int = 128, quant: str | None = None,
+                log=print) -> list[dict]:
+    """{prompt, base, aligned} per prompt; writes compare.md and prints the table."""
+    from app.recipe import load_recipe
+
+    if not 0 < max_tokens < N_CTX:
+        raise AppError(f"--max-tokens {max_tokens} must be positive and below the context of {N_CTX} tokens")
+    recipe = load_recipe(str(run / "recipe.yaml"))
+    prompts = read_prompts(Path(prompts_file)) if prompts_file else list(recipe.export["probes"])
+    system = recipe.export.get("system") or None
+    aligned = find_gguf(str(run), quant)
+    log(f"compare: {len(prompts)} prompts, greedy, up to {max_tokens} tokens; aligned: {aligned.name}")
+    aligned_replies = gguf_replies(aligned, prompts, system, max_tokens)
+    if (run / BASE_GGUF).is_file():
+        base_label = f"{BASE_GGUF} (llama.cpp)"
+        base_replies = gguf_replies(run / BASE_GGUF, prompts, system, max_tokens)
+    else:
+        source, base_replies = transformers_replies(recipe, prompts, system, max_tokens)
+        base_label = f"{source} (transformers)"
+    rows = [{"prompt": p, "base": b, "aligned": a} for p, b, a in zip(prompts, base_replies, aligned_replies)]
+    labels = {"base": base_label, "aligned": f"{aligned.parent.name}/{aligned.name} (llama.cpp)"}
+    write_text(run / "compare.md", format_markdown(run.name, rows, labels, system, max_tokens))
+    if (run / "manifest.json").is_file():
+        write_manifest(run)  # compare.md is part of the run, as the report is
+    print_columns(rows, labels)
+    log(f"saved: {run / 'compare.md'}")
+    return rows
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    if not path.is_file():
+        raise AppError(f"prompts file {path} does not exist (one prompt per line)")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise AppError(f"prompts file {path} has no prompts (one prompt per line)")
+    return prompts
+
+
+def gguf_replies(gguf: Path, prompts, system: str | None, max_tokens: int) -> list[str]:
+    """Greedy one-turn replies through llama.cpp's chat completion with the GGUF's own template."""
+    llm = open_gguf(gguf, n_ctx=N_CTX, n_gpu_layers=-1, verbose=False, seed=0)
+    try:
+        count = prompt_counter(llm)
+        replies = []
+        for prompt in prompts:
+            messages = with_system(system, [{"role": "user", "content": prompt}])
+            if (used := count(messages)) + max_tokens > N_CTX:
+                raise AppError(f"the prompt '{prompt[:40]}' takes {used} tokens; with --max-tokens {max_tokens} "
+                               f"it does not fit the context of {N_CTX}")
+            reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=max_tokens,
+                                               seed=0)
+            replies.append(reply["choices"][0]["message"]["content"].strip())
+        return replies
+    finally:
+        llm.close()
+
+
+def transformers_replies(recipe, prompts, system: str | None, max_tokens: int) -> tuple[str, list[str]]:
+    """(the base's source, its greedy replies) with the recipe's tokenizer and chat template."""
+    from app.evaluate import generate_replies
+    from app.model import load_tokenizer, resolve_model_source
+
+    source = resolve_model_source(recipe)  # imports Unsloth, which must come before transformers
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(recipe)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", device_map="auto").eval()
+    return source, generate_replies(model, tokenizer, prompts, max_tokens, system)
+
+
+def format_markdown(run_name: str, rows, labels: dict, system: str | None, max_tokens: int) -> str:
+    lines = [f"# Base against aligned: {run_name}", "",
+             f"Greedy replies, at most {max_tokens} tokens, to the same prompts. Base: `{labels['base']}`. "
+             f"Aligned: `{labels['aligned']}`. System prompt: {quote(system) if system else 'none'}.", ""]
+    for i, row in enumerate(rows, 1):
+        lines += [f"## {i}. {' '.join(row['prompt'].split())}", ""]
+        for side in ("base", "aligned"):
+            lines += [f"**{side}**", "", blockquote(row[side]), ""]
+    return "\n".join(lines)
+
+
+def blockquote(text: str) -> str:
+    """Markdown quote of a reply, line by line, so its own markup cannot break the page's sections."""
+    if not text:
+        return "> *(empty reply)*"
+    return "\n".join(f"> {line}".rstrip() for line in text.splitlines())
+
+
+def quote(text: str) -> str:
+    return '"' + " ".join(text.split()) + '"'
+
+
+def print_columns(rows, labels: dict):
+    """One two-column table per prompt. Text objects, not strings: rich would read `[...]` in a reply as
+    markup. Without a terminal rich wraps at 80 columns and writes no colour codes."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    for i, row in enumerate(rows, 1):
+        table = Table(title=Text(f"{i}. {row['prompt']}", style="bold"), title_justify="left", expand=True)
+        table.add_column(Text(f"base: {labels['base']}"), ratio=1)
+        table.add_column(Text(f"aligned: {labels['aligned']}"), ratio=1)
+        table.add_row(Text(row["base"]), Text(row["aligned"]))
+        console.print(table)
