@@ -15,7 +15,7 @@ import yaml
 
 from app import AppError
 from app.export import CHAT_PREFERENCE
-from app.runs import check_gguf_file, resolve_run
+from app.runs import check_gguf_file, open_gguf, resolve_run
 
 HELP = "/reset clears the conversation, /system TEXT replaces the system prompt, /quit leaves"
 
@@ -58,8 +58,6 @@ def recipe_system(gguf: Path) -> str | None:
 def chat(gguf: Path, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7,
          top_p: float = 0.95, seed: int = 0, n_ctx: int = 2048):
     """The conversation loop. `system` None means the recipe's; "" means none."""
-    from llama_cpp import Llama
-
     check_gguf_file(gguf)
     if not 0 < max_tokens < n_ctx:
         raise AppError(f"--max-tokens {max_tokens} must be positive and leave room for the prompt in the "
@@ -67,7 +65,7 @@ def chat(gguf: Path, system: str | None = None, max_tokens: int = 256, temperatu
     system = recipe_system(gguf) if system is None else system or None
     # n_gpu_layers=-1: every layer on the GPU when llama.cpp was built with one (make setup GPU=1); a no-op
     # on a CPU build
-    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_gpu_layers=-1, verbose=False, seed=seed)
+    llm = open_gguf(gguf, n_ctx=n_ctx, n_gpu_layers=-1, verbose=False, seed=seed)
     count = prompt_counter(llm)
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     interactive = sys.stdin.isatty()

@@ -83,7 +83,13 @@ def run_converter(model_dir: Path, outfile: Path, outtype: str) -> str:
     proc = subprocess.run([sys.executable, str(CONVERTER), str(model_dir), "--outfile", str(outfile),
                            "--outtype", outtype], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
+        outfile.unlink(missing_ok=True)
         tail = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-3:]
+        from app.runs import disk_full
+        full = disk_full(Exception(" ".join(tail)))
+        if full:
+            raise AppError(f"llama.cpp's converter could not write {outfile.name}: {full}; free some disk space "
+                           f"and export again")
         raise AppError(f"llama.cpp's converter failed on {model_dir}: {' | '.join(tail)}")
     return proc.stderr
 

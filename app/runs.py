@@ -4,6 +4,7 @@ A run is complete when its manifest.json exists (written last, naming every file
 exports/latest moves to a run only after its smoke test passes.
 """
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -23,19 +24,36 @@ def create_run(recipe_name: str) -> Path:
     while run.exists():  # two runs in the same second
         n += 1
         run = EXPORTS / f"{recipe_name}-{stamp}-{n}"
+    if run.resolve().parent != EXPORTS.resolve():  # recipe names are checked; this is the last guard
+        raise AppError(f"run name '{recipe_name}' would put the run folder outside exports/")
     run.mkdir(parents=True)
     return run
 
 
-def resolve_run(arg: str | None) -> Path:
-    """A run folder from a path, a run name in exports/, or `latest` (the default)."""
+def resolve_run(arg: str | None, write: bool = False) -> Path:
+    """A run folder from a path, a run name in exports/, or `latest` (the default). `write`: the command
+    writes into the run (export, smoke, report, resume), which must then lie inside exports/."""
     arg = arg or "latest"
     for candidate in (Path(arg), EXPORTS / arg):
         if candidate.is_dir():
-            return candidate.resolve()
+            run = candidate.resolve()
+            if write and EXPORTS.resolve() not in run.parents:
+                raise AppError(f"{arg} is outside exports/ ({run}); commands that write into a run only work on "
+                               f"run folders in {EXPORTS}")
+            return run
     if arg == "latest":
         raise AppError("no finished run in exports/ yet; run `make dpo` first")
     raise AppError(f"run '{arg}' not found (give a folder or a name in exports/)")
+
+
+def disk_full(error: BaseException) -> str | None:
+    """The reason when `error` says the disk (or the file size limit) is full, else None. Libraries word it
+    differently: OSError carries errno, safetensors and subprocesses only the text."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return os.strerror(error.errno)
+    text = str(error)
+    return next((os.strerror(n) for n in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+                 if os.strerror(n) in text or f"os error {n})" in text), None)
 
 
 def write_json(path: Path, value):
@@ -45,7 +63,14 @@ def write_json(path: Path, value):
 def write_text(path: Path, text: str):
     """Write to a temporary name and rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if disk_full(e):
+            raise AppError(f"could not write {path}: {disk_full(e)}; free some disk space and run the command "
+                           f"again") from None
+        raise
     os.replace(tmp, path)
 
 
@@ -61,12 +86,23 @@ def write_manifest(run: Path) -> dict:
     files = {}
     for path in sorted(run.rglob("*")):
         rel = path.relative_to(run)
-        if path.is_file() and rel.parts[0] not in SKIP_DIRS and path.name not in SKIP and not path.name.startswith("."):
+        temporary = any(part.startswith(".") for part in rel.parts)  # .merged.tmp/..., .smoke.json.tmp
+        if path.is_file() and rel.parts[0] not in SKIP_DIRS and path.name not in SKIP and not temporary:
             files[str(rel)] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
     manifest = {"run": run.name, "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "files": files}
     write_json(run / "manifest.json", manifest)
     return manifest
+
+
+def discard_manifest(run: Path) -> bool:
+    """Remove manifest.json before a run's files are rewritten (export, smoke, report): until it is written
+    again, last, the run reads as incomplete, so an interrupted rewrite never leaves a manifest naming files
+    that changed. True when there was one."""
+    path = run / "manifest.json"
+    had = path.is_file()
+    path.unlink(missing_ok=True)
+    return had
 
 
 def verify_run(run: Path) -> list[str]:
@@ -91,8 +127,13 @@ def check_gguf_file(path: Path):
     naming it, has the size recorded there: llama.cpp would crash or read garbage otherwise."""
     with open(path, "rb") as f:
         head = f.read(8)
-    if len(head) < 8 or head[:4] != b"GGUF" or int.from_bytes(head[4:8], "little") not in (2, 3):
-        raise AppError(f"{path.name} is not a GGUF file (bad magic or version)")
+    if not head:
+        raise AppError(f"{path.name} is empty (0 bytes): not a GGUF file; export it again")
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise AppError(f"{path.name} is not a GGUF file (bad magic: it starts with {head[:4]!r}, not b'GGUF')")
+    if int.from_bytes(head[4:8], "little") not in (2, 3):
+        raise AppError(f"{path.name} is GGUF version {int.from_bytes(head[4:8], 'little')}, which this llama.cpp "
+                       f"does not read (2 or 3)")
     manifest = path.parent.parent / "manifest.json"
     if manifest.is_file():
         entry = json.loads(manifest.read_text())["files"].get(f"{path.parent.name}/{path.name}")
@@ -101,9 +142,40 @@ def check_gguf_file(path: Path):
                            f"{entry['bytes']}: the file is damaged or incomplete")
 
 
+def open_gguf(path: Path, **kwargs):
+    """llama_cpp.Llama(model_path=path, **kwargs) for a GGUF that passes check_gguf_file; AppError when
+    llama.cpp still cannot load it (cut short inside, damaged, or an architecture it does not know)."""
+    from llama_cpp import Llama
+
+    check_gguf_file(path)
+    try:
+        return Llama(model_path=str(path), **kwargs)
+    except ValueError as e:
+        raise gguf_load_error(path, e) or e from None
+
+
+def gguf_load_error(path: Path, error: Exception) -> AppError | None:
+    """The one-sentence error for llama-cpp-python's "Failed to load model" (None for other errors)."""
+    if "Failed to load model" not in str(error):
+        return None
+    return AppError(f"llama.cpp could not load {path.name}: the file is damaged or incomplete (a copy or "
+                    f"download cut short?) or holds a model this llama.cpp does not support; export it again")
+
+
 def mark_latest(run: Path):
     link, tmp = EXPORTS / "latest", EXPORTS / ".latest.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     tmp.symlink_to(run.name)
     os.replace(tmp, link)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def last_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint: Trainer writes trainer_state.json last, so a checkpoint cut short
+    by a crash has none and is passed over."""
+    done = [c for c in (run / "checkpoints").glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
+    return max(done, key=checkpoint_step, default=None)

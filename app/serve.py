@@ -10,7 +10,7 @@ from pathlib import Path
 
 from app import AppError
 from app.chat import run_of
-from app.runs import check_gguf_file
+from app.runs import check_gguf_file, gguf_load_error
 
 
 def serve(gguf: Path, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 2048):
@@ -28,9 +28,13 @@ def serve(gguf: Path, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 20
     # interrupt_requests=False: by default a waiting request ends the stream under way early (its client
     # gets a reply cut short without an error); here they queue. chat_format=None: the GGUF's own template.
     # n_gpu_layers=-1: every layer on the GPU when llama.cpp was built with one; a no-op on a CPU build.
-    app = create_app(server_settings=from_args(ServerSettings, host=host, port=port, interrupt_requests=False),
-                     model_settings=[from_args(ModelSettings, model=str(gguf), model_alias=name, chat_format=None,
-                                               n_ctx=n_ctx, n_gpu_layers=-1, verbose=False)])
+    try:
+        app = create_app(server_settings=from_args(ServerSettings, host=host, port=port, interrupt_requests=False),
+                         model_settings=[from_args(ModelSettings, model=str(gguf), model_alias=name, chat_format=None,
+                                                   n_ctx=n_ctx, n_gpu_layers=-1, verbose=False)])
+    except ValueError as e:  # a file cut short inside: llama.cpp reads it only now
+        sock.close()
+        raise gguf_load_error(gguf, e) or e from None
     print(f"serving {gguf.name} as model '{name}' at http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)",
           flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port))

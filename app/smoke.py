@@ -20,7 +20,7 @@ from pathlib import Path
 from app import AppError
 from app.evaluate import decision_agreement, score_pairs_gguf, score_pairs_hf, summarize_scores
 from app.export import eos_ids, load_reference_model
-from app.runs import check_gguf_file, write_json
+from app.runs import check_gguf_file, discard_manifest, open_gguf, write_json
 
 # per type: max |logit diff|, top-1 agreement, share of HF's greedy tokens reproduced before divergence.
 # Top-1 and greedy agreement are the gates; max |diff| scales with the logit range, so for quantized types
@@ -44,6 +44,9 @@ def smoke_run(run: Path, probes, log=print) -> list[dict]:
     ggufs = sorted((run / "gguf").glob("*.gguf"))
     if not ggufs:
         raise AppError(f"{run.name} has no GGUF files; run `python -m app export {run.name}` first")
+    for path in ggufs:  # a damaged file is said before the merged model loads
+        check_gguf_file(path)
+    discard_manifest(run)  # smoke.json and the report change: the manifest is written again after them
     evaluation = run / "preference_eval.json"
     evaluation = json.loads(evaluation.read_text()) if evaluation.is_file() else {"pairs": [], "beta": None}
     results = check_ggufs(run / "merged", ggufs, probes, evaluation["pairs"], log, beta=evaluation.get("beta", 0.1))
@@ -86,18 +89,15 @@ def hf_reference(model, tokenizer, prompt) -> dict:
 
 def check_gguf(path: Path, tokenizer, reference, pairs=(), merged_scores=(), beta=None) -> dict:
     import numpy as np
-    from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     kind = gguf_type(path)
     max_abs_limit, top1_limit, lead_limit = THRESHOLDS.get(kind, THRESHOLDS["q4_0"])
     result = {"file": path.name, "type": kind, "bytes": path.stat().st_size, "passed": False, "reason": ""}
     t0 = time.time()
-    check_gguf_file(path)
     longest = max([len(r["prompt_ids"]) + len(r["reply_ids"]) + MAX_NEW_TOKENS + 8 for r in reference] +
                   [len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs])
-    llm = Llama(model_path=str(path), n_ctx=max(256, longest), logits_all=True,
-                verbose=False, seed=0)
+    llm = open_gguf(path, n_ctx=max(256, longest), logits_all=True, verbose=False, seed=0)
 
     # metadata
     meta = llm.metadata

@@ -1,6 +1,9 @@
 """Shared fixtures: one real `dpo` run of the tiny recipe per test session (Unsloth imported once)."""
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,11 +25,16 @@ def tiny_run():
     """The run folder of `python -m app dpo tiny` (in-process), removed at the end of the session."""
     from app.cli import main
 
-    before = set(EXPORTS.glob("tiny-*"))
     latest = EXPORTS / "latest"
     old_latest = os.readlink(latest) if latest.is_symlink() else None
-    assert main(["dpo", "tiny", "--set", f"dpo.max_steps={TINY_STEPS}"]) == 0
-    (run,) = set(EXPORTS.glob("tiny-*")) - before
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):  # its "run folder:" line names the run (another session may train too)
+            code = main(["dpo", "tiny", "--set", f"dpo.max_steps={TINY_STEPS}"])
+    finally:
+        print(out.getvalue(), end="")
+    assert code == 0
+    run = Path(re.search(r"^run folder: (.+)$", out.getvalue(), re.M)[1])
     yield run
     shutil.rmtree(run, ignore_errors=True)
     if old_latest:
