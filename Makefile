@@ -1,7 +1,10 @@
 # Thin wrappers over `python -m app ...`; every target sets itself up on first use.
 #   make dpo [MODEL=tiny] [STEPS=N] [SET="dpo.beta=0.2 lora.r=8"]   train, export, smoke-test
 #   make dpo RESUME=exports/<run>                                    continue an interrupted run
+#   make dpo FIT=1  |  make preflight [MODEL=...] [FIT=1]           the batch that fits the GPU / the checks alone
+#   make sft|orpo|kto|reward [MODEL=tiny] [STEPS=N]                  the other methods (reward: no export)
 #   make export|smoke|chat|report [RUN=exports/<run>] [QUANT=q4_k_m]
+#   make compare [RUN=exports/<run>] [QUANT=q4_k_m] [PROMPTS=file]   base vs aligned replies, side by side
 #   make serve [RUN=exports/<run>] [QUANT=q4_k_m] [PORT=8000]        OpenAI-compatible server on 127.0.0.1
 #   make runs | bench | test | setup | clean
 MODEL ?= tiny
@@ -23,7 +26,7 @@ endif
 # per set of flags here.
 LLAMA_WHEELS := $(HOME)/.cache/prefalign/llama-cpp-wheels/$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
-.PHONY: setup dpo export smoke chat serve report runs recipes bench test clean
+.PHONY: setup dpo sft orpo kto reward preflight export smoke chat compare serve report runs recipes bench test clean
 
 setup: $(READY)
 
@@ -42,9 +45,14 @@ $(READY): requirements.txt
 	$(PY) -m app setup
 	touch $@
 
-dpo: $(READY)
-	$(PY) -m app dpo $(MODEL) $(if $(STEPS),--set dpo.max_steps=$(STEPS)) $(foreach s,$(SET),--set $(s)) \
-	  $(if $(RESUME),--resume $(RESUME))
+# one target per method; a recipe whose stages end with it runs them all (make dpo MODEL=tiny-sft-dpo)
+dpo sft orpo kto reward: $(READY)
+	$(PY) -m app $@ $(MODEL) $(if $(STEPS),--set $@.max_steps=$(STEPS)) $(foreach s,$(SET),--set $(s)) \
+	  $(if $(FIT),--set model.auto_fit=true) $(if $(RESUME),--resume $(RESUME))
+
+# versions, converter, tokenizer, data, disk, GPU memory in seconds (dpo runs the same checks first)
+preflight: $(READY)
+	$(PY) -m app preflight --recipe $(MODEL) $(foreach s,$(SET),--set $(s)) $(if $(FIT),--set model.auto_fit=true)
 
 export: $(READY)
 	$(PY) -m app export $(RUN)
@@ -54,6 +62,9 @@ smoke: $(READY)
 
 chat: $(READY)
 	$(PY) -m app chat $(RUN) $(if $(QUANT),--quant $(QUANT))
+
+compare: $(READY)
+	$(PY) -m app compare $(RUN) $(if $(QUANT),--quant $(QUANT)) $(if $(PROMPTS),--prompts $(PROMPTS))
 
 serve: $(READY)
 	$(PY) -m app serve $(RUN) $(if $(QUANT),--quant $(QUANT)) $(if $(PORT),--port $(PORT))

@@ -1,16 +1,20 @@
 """Command line: parse arguments, wire the stages together, print errors. Nothing else.
 
     python -m app dpo [RECIPE] [--set section.key=value ...]   recipe -> data -> model -> train -> export -> smoke
+    python -m app sft|orpo|kto|reward [RECIPE] [--set ...]      the same with another method (reward: no export)
+    python -m app train RECIPE                                  the recipe's stages, e.g. [sft, dpo]
     python -m app dpo --resume RUN                              continue an interrupted run from its checkpoint
     python -m app export [RUN]                                  adapter -> merged -> GGUF (from a run folder)
     python -m app smoke [RUN]                                   llama.cpp checks every GGUF of a run
     python -m app chat [RUN_OR_GGUF] [--quant q4_k_m]           chat with a GGUF
+    python -m app compare [RUN] [--prompts FILE]                base vs aligned replies side by side
     python -m app serve [RUN_OR_GGUF] [--port 8000]             an OpenAI-compatible server for a GGUF
     python -m app data inspect SOURCE [--recipe R] [--json]     a dataset as the trainer will see it
     python -m app verify [RUN]                                  re-hash a run against its manifest
     python -m app report [RUN]                                  rebuild report.md and plots/ of a run
     python -m app runs [--sort COLUMN [--desc]] [--json]        one table of every run in exports/
     python -m app recipes                                       list the recipes
+    python -m app preflight [--recipe R] [--set ...]            seconds of checks before training (dpo runs them)
     python -m app setup                                         fetch llama.cpp's converter (make setup does it)
 """
 import argparse
@@ -26,10 +30,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description="Preference alignment: DPO with Unsloth "
                                      "and TRL, export to GGUF, proven in llama.cpp, chat locally.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("dpo", help="train with DPO, export, smoke-test (the whole pipeline)")
-    p.add_argument("recipe", nargs="?", default="tiny", help="a name in recipes/ or a path to a YAML file")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key")
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its newest checkpoint")
+    for method, what in (("train", "run the recipe's stages"), ("sft", "supervised fine-tuning"),
+                         ("dpo", "DPO"), ("orpo", "ORPO (no reference model)"), ("kto", "KTO (unpaired data)"),
+                         ("reward", "a reward model (no export)")):
+        p = sub.add_parser(method, help=f"{what}: train, export, smoke-test (the whole pipeline)")
+        p.add_argument("recipe", nargs="?", default="tiny", help="a name in recipes/ or a path to a YAML file")
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key")
+        p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its newest checkpoint")
+    p = sub.add_parser("score", help="score a reply with a reward run's model")
+    p.add_argument("run", help="a reward run folder or name")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--response", required=True, action="append", help="a reply to score (repeat to compare)")
     p = sub.add_parser("export", help="merge the adapter of a run and write its GGUF files")
     p.add_argument("run", nargs="?", default="latest")
     p = sub.add_parser("smoke", help="check every GGUF of a run against its merged model with llama.cpp")
@@ -43,6 +54,11 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ctx", type=int, default=2048, help="context size in tokens; older turns drop out to fit")
+    p = sub.add_parser("compare", help="the base and the aligned model's greedy replies, side by side")
+    p.add_argument("run", nargs="?", default="latest")
+    p.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: the recipe's export.probes)")
+    p.add_argument("--max-tokens", type=int, default=128, help="the longest reply, in tokens")
+    p.add_argument("--quant", help="which GGUF of the run is the aligned model (default: as chat)")
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run's GGUF (or a .gguf file)")
     p.add_argument("target", nargs="?", default="latest", help="a run folder or name, or a .gguf file")
     p.add_argument("--quant", help="which GGUF of the run (f16, q8_0, q4_k_m, ...)")
@@ -65,6 +81,9 @@ def main(argv=None) -> int:
     p.add_argument("--desc", action="store_true", help="sort descending")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     sub.add_parser("recipes", help="list the recipes")
+    p = sub.add_parser("preflight", help="check versions, converter, tokenizer, data, disk and GPU memory in seconds")
+    p.add_argument("--recipe", default="tiny", help="a name in recipes/ or a path to a YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key")
     sub.add_parser("setup", help="fetch llama.cpp's converter for the installed llama-cpp-python")
     args = parser.parse_args(argv)
     if not sys.stderr.isatty():  # progress bars garble logs and CI output; our own lines say the same
@@ -82,50 +101,98 @@ def main(argv=None) -> int:
         return 130
 
 
-def cmd_dpo(args):
-    from app.data import load_preference_data
-    from app.recipe import load_recipe, save_recipe
-    from app.runs import create_run, write_json
+def cmd_train(args):
+    """`train RECIPE` runs the recipe's stages; `sft|dpo|orpo|kto|reward RECIPE` runs that method (or the
+    recipe's stages when they end with it: `dpo tiny-sft-dpo` runs sft, then dpo from its merged weights)."""
+    import dataclasses
+
+    from app.recipe import load_recipe
 
     t0 = time.time()
     run, checkpoint = None, None
-    if args.resume:  # the run's own recipe, its folder, its newest complete checkpoint
-        from app.runs import resolve_run
-        from app.train import last_checkpoint
-        run = resolve_run(args.resume)
+    if args.resume:  # the run's own recipe (one stage), its folder, its newest complete checkpoint
+        from app.runs import last_checkpoint, resolve_run
+        run = resolve_run(args.resume, write=True)
         if (run / "adapter").is_dir():
             raise AppError(f"{run.name} finished training; to redo its export: python -m app export {run.name}")
         checkpoint = last_checkpoint(run)
         if checkpoint is None:
             raise AppError(f"{run.name} has no complete checkpoint to resume from (one is written every "
-                           f"dpo.save_steps steps); start a new run")
+                           f"save_steps steps); start a new run")
     recipe = load_recipe(str(run / "recipe.yaml") if run else args.recipe, args.set)
-    from app.model import check_model_environment, load_model, resolve_model_source
+    from app.preflight import run_preflight
+    run_preflight(recipe, log=print)  # seconds of checks before any model loads; model.auto_fit sets the batch
+    method = args.command
+    stages = recipe.stages if method == "train" or recipe.stages[-1] == method else [method]
+    for i, stage in enumerate(stages):
+        if i:  # each stage starts from the previous one's merged 16-bit weights
+            recipe = dataclasses.replace(recipe, model={**recipe.model, "name": str(run / "merged")})
+        if len(stages) > 1:
+            print(f"stage {i + 1}/{len(stages)}: {stage}")
+        run = run_stage(stage, dataclasses.replace(recipe, stages=[stage]), run if checkpoint else None, checkpoint)
+    print(f"done in {time.time() - t0:.0f}s: {run}\n  report: {run / 'report.md'}")
+    if stages[-1] != "reward":
+        print(f"  chat with it: make chat   (or: python -m app chat {run.name})")
+
+
+def run_stage(method: str, recipe, run=None, checkpoint=None):
+    """recipe -> data -> model -> train -> export -> smoke for one method; returns the run folder."""
+    from app.model import import_unsloth
+    import_unsloth()  # first: it patches transformers, TRL and PEFT on import (kto's data step imports TRL)
+    from app.data import load_training_data
+    from app.model import check_model_environment, load_model, load_reward_model, resolve_model_source
+    from app.recipe import save_recipe
+    from app.runs import create_run, write_json
+    from app.train import train
+
     check_model_environment(recipe)  # GPU, model files, network: said before anything is loaded
-    data = load_preference_data(recipe.data)
+    data = load_training_data(recipe.data, method)
     dropped = "".join(f", {n} dropped ({reason})" for reason, n in data.dropped.items())
     print(f"data: {data.source} ({data.format}): {data.rows} rows{dropped} -> {len(data.train)} train, "
           f"{len(data.eval) if data.eval is not None else 0} held out")
     source = resolve_model_source(recipe)
-    model, tokenizer = load_model(recipe, source)
+    model, tokenizer = (load_reward_model if method == "reward" else load_model)(recipe, source)
 
     if checkpoint:
         print(f"run folder: {run} (resuming from {checkpoint.name})")
     else:
-        run = create_run(recipe.name)
+        run = create_run(f"{recipe.name}-{method}")
         print(f"run folder: {run}")
     save_recipe(recipe, run / "recipe.yaml")
-    from app.train import train_dpo
-    summary = train_dpo(model, tokenizer, data, recipe, run, resume_from=checkpoint)
+    summary = train(method, model, tokenizer, data, recipe, run, resume_from=checkpoint)
     write_json(run / "train.json", summary)
     print_training_summary(summary)
+    if method == "reward":  # a scorer, not a chat model: nothing to merge into a GGUF
+        from app.report import write_report
+        from app.runs import write_manifest
+        print_report_summary(write_report(run))
+        write_manifest(run)
+        return run
 
     from app.export import export_run
     export_run(run, recipe, model, tokenizer, source)
     del model  # the smoke test loads the merged weights; the training model's memory goes back first
     smoke(run, recipe)
-    print(f"done in {time.time() - t0:.0f}s: {run}\n  report: {run / 'report.md'}\n"
-          f"  chat with it: make chat   (or: python -m app chat {run.name})")
+    return run
+
+
+def cmd_score(args):
+    import json
+
+    from app.evaluate import score_replies
+    from app.recipe import load_recipe
+    from app.runs import resolve_run
+
+    run = resolve_run(args.run)
+    train = run / "train.json"
+    if not train.is_file() or json.loads(train.read_text()).get("method") != "reward":
+        raise AppError(f"{run.name} is not a finished reward run (train one with: make reward)")
+    recipe = load_recipe(str(run / "recipe.yaml"))
+    from app.model import import_unsloth, load_trained_reward_model
+    import_unsloth()  # before transformers and PEFT, as everywhere else
+    model, tokenizer = load_trained_reward_model(recipe, run / "adapter")
+    for reward, response in zip(score_replies(model, tokenizer, args.prompt, args.response), args.response):
+        print(f"{reward:+.4f}  {response}")
 
 
 def smoke(run, recipe):
@@ -159,10 +226,13 @@ def cmd_export(args):
     from app.recipe import load_recipe
     from app.runs import resolve_run
 
-    run = resolve_run(args.run)
+    run = resolve_run(args.run, write=True)
     if not (run / "adapter").is_dir():
         raise AppError(f"{run.name} has no adapter/ (its training did not finish)")
     recipe = load_recipe(str(run / "recipe.yaml"))
+    if recipe.stages == ["reward"]:
+        raise AppError(f"{run.name} is a reward model: a scorer, not a chat model, so it has no GGUF export "
+                       f"(use it with: python -m app score {run.name} --prompt ... --response ...)")
     model, tokenizer = load_trained_model(recipe, run / "adapter")
     export_run(run, recipe, model, tokenizer, resolve_model_source(recipe))
     del model
@@ -173,7 +243,7 @@ def cmd_smoke(args):
     from app.recipe import load_recipe
     from app.runs import resolve_run
 
-    run = resolve_run(args.run)
+    run = resolve_run(args.run, write=True)
     smoke(run, load_recipe(str(run / "recipe.yaml")))
 
 
@@ -181,6 +251,12 @@ def cmd_chat(args):
     from app.chat import chat, find_gguf
     chat(find_gguf(args.target, args.quant), system=args.system, max_tokens=args.max_tokens,
          temperature=args.temperature, top_p=args.top_p, seed=args.seed, n_ctx=args.ctx)
+
+
+def cmd_compare(args):
+    from app.compare import compare_run
+    from app.runs import resolve_run
+    compare_run(resolve_run(args.run, write=True), args.prompts, max_tokens=args.max_tokens, quant=args.quant)
 
 
 def cmd_serve(args):
@@ -235,12 +311,15 @@ def cmd_verify(args):
 
 def cmd_report(args):
     from app.report import write_report
-    from app.runs import resolve_run, write_manifest
+    from app.runs import discard_manifest, resolve_run, write_manifest
 
-    run = resolve_run(args.run)
-    report = write_report(run)
-    if (run / "manifest.json").is_file():
-        write_manifest(run)  # the report's files are part of the run
+    run = resolve_run(args.run, write=True)
+    had_manifest = discard_manifest(run)  # a report cut short must not leave a manifest naming old files
+    try:
+        report = write_report(run)
+    finally:
+        if had_manifest:
+            write_manifest(run)  # the report's files are part of the run
     print_report_summary(report)
     print(f"report: {report}")
 
@@ -273,17 +352,28 @@ def cmd_setup(args):
     fetch_converter()
 
 
+def cmd_preflight(args):
+    from app.preflight import run_preflight
+    from app.recipe import load_recipe
+    run_preflight(load_recipe(args.recipe, args.set), log=print)
+
+
 def print_training_summary(s: dict):
+    from app.train import ACCURACY_KEYS, MARGIN_KEYS
+    method = s.get("method", "dpo").upper()
     before, after = s["preference"]["base"], s["preference"]["trained"]
     if after.get("pairs"):
-        print(f"held-out preference accuracy (log-prob, {after['pairs']} pairs): {before['accuracy']:.0%} before "
-              f"-> {after['accuracy']:.0%} after; margin {before['margin']:+.2f} -> {after['margin']:+.2f} nats")
+        what = "reward model score" if method == "REWARD" else "log-prob"
+        print(f"held-out preference accuracy ({what}, {after['pairs']} pairs): {before['accuracy']:.0%} before "
+              f"-> {after['accuracy']:.0%} after; margin {before['margin']:+.2f} -> {after['margin']:+.2f}")
     ev = s["eval"]
+    acc = next((ev[f"eval_{k}"] for k in ACCURACY_KEYS if f"eval_{k}" in ev), None)
+    margin = next((ev[f"eval_{k}"] for k in MARGIN_KEYS if f"eval_{k}" in ev), None)
     if ev:
-        print(f"held-out DPO reward accuracy {ev.get('eval_rewards/accuracies', 0):.2f}, margin "
-              f"{ev.get('eval_rewards/margins', 0):+.3f}, loss {ev.get('eval_loss', 0):.4f}")
+        print(f"held-out {method} loss {ev.get('eval_loss', 0):.4f}" + (f", accuracy {acc:.2f}" if acc is not None else "")
+              + (f", margin {margin:+.3f}" if margin is not None else ""))
     for r in s["replies"]:
-        print(f"prompt: {r['prompt']}\n  before DPO: {r['before']}\n  after DPO:  {r['after']}")
+        print(f"prompt: {r['prompt']}\n  before {method}: {r['before']}\n  after {method}:  {r['after']}")
 
 
 def print_report_summary(report: Path):
@@ -293,9 +383,9 @@ def print_report_summary(report: Path):
         print(line[2:])
 
 
-COMMANDS = {"dpo": cmd_dpo, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "serve": cmd_serve,
-            "data": cmd_data, "verify": cmd_verify, "report": cmd_report, "runs": cmd_runs, "recipes": cmd_recipes,
-            "setup": cmd_setup}
+COMMANDS = {**{m: cmd_train for m in ("train", "sft", "dpo", "orpo", "kto", "reward")}, "score": cmd_score, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "compare": cmd_compare,
+            "serve": cmd_serve, "data": cmd_data, "verify": cmd_verify, "report": cmd_report, "runs": cmd_runs,
+            "recipes": cmd_recipes, "setup": cmd_setup, "preflight": cmd_preflight}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,6 +17,7 @@ merely unusable (empty, chosen == rejected, duplicate, ...) is dropped and count
 import collections
 import csv
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from app import ROOT, AppError
 FIELDS = ("prompt", "chosen", "rejected")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+MAX_ROW_CHARS = 1_000_000  # a pair longer than this (prompt and both replies) is dropped: no model reads it whole
 
 
 @dataclasses.dataclass
@@ -35,6 +37,70 @@ class PreferenceData:
     format: str          # the formats seen, e.g. "hh" or "standard"
     rows: int            # rows read
     dropped: dict        # reason -> count
+    pairs: object = None  # the held-out preference pairs scored before and after training (None: not pairs)
+
+
+def load_training_data(data: dict, method: str) -> PreferenceData:
+    """The recipe's data shaped for a training method: preference pairs for dpo, orpo and reward;
+    prompt/completion for sft (the chosen side of pairs, or chat data: a `messages` list or prompt and
+    completion); prompt/completion/label for kto (unpaired rows, or pairs split into a true and a false
+    example when data.unpair is true). Held-out pairs stay pairs, for the preference evaluation."""
+    if method in ("sft", "kto"):  # these also take rows that are not pairs
+        read = read_rows(str(data["source"]), data.get("split", "train"), data.get("config"))
+        first = next((row for _, row in read if isinstance(row, dict)), None)
+        if first and "chosen" not in map_columns(first, data.get("columns"), "the first row"):
+            return load_completion_data(data, read, method)
+    prefs = load_preference_data(data)
+    prefs.pairs = prefs.eval
+    if method == "sft":
+        prefs.train, prefs.eval = (None if d is None else d.remove_columns("rejected").rename_column("chosen", "completion")
+                                   for d in (prefs.train, prefs.eval))
+    elif method == "kto":
+        if not data.get("unpair"):
+            raise AppError(f"{data['source']}: KTO trains on unpaired rows (prompt, completion, label); these are "
+                           f"pairs: set data.unpair: true to make each pair a true and a false example")
+        from trl.data_utils import unpair_preference_dataset
+        prefs.train, prefs.eval = (None if d is None else unpair_preference_dataset(d) for d in (prefs.train, prefs.eval))
+    return prefs
+
+
+def load_completion_data(data: dict, read, method: str) -> PreferenceData:
+    """Rows with a `messages` list (the last message is the reply) or prompt + completion (+ label for
+    kto), in TRL's conversational prompt/completion format; there are no pairs to score."""
+    rows, seen = [], set()
+    for where, row in read:
+        row = map_columns(row, data.get("columns"), where)
+        if not isinstance(row, dict):
+            raise AppError(f"{where}: expected an object")
+        if _is_messages(row.get("messages")):
+            if row["messages"][-1]["role"] != "assistant":
+                raise AppError(f"{where}: the last message is the reply to learn, so it must be the assistant's")
+            out = {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+        elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+            out = {"prompt": [{"role": "user", "content": row["prompt"]}],
+                   "completion": [{"role": "assistant", "content": row["completion"]}]}
+        else:
+            raise AppError(f"{where}: expected 'messages' (a list of role/content messages), prompt + completion, "
+                           f"or prompt + chosen + rejected; it has {', '.join(map(str, row)) or 'nothing'}")
+        if method == "kto":
+            if not isinstance(row.get("label"), bool):
+                raise AppError(f"{where}: KTO rows need 'label': true (a good reply) or false (a bad one)")
+            out["label"] = row["label"]
+        key = json.dumps(out, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            rows.append(out)
+    if data.get("max_rows"):
+        rows = rows[: int(data["max_rows"])]
+    if not rows:
+        raise AppError(f"{data['source']}: the dataset is empty")
+    import datasets
+    dataset = datasets.Dataset.from_list(rows).shuffle(seed=data.get("seed", 0))
+    n_eval = round(len(dataset) * (data.get("eval_share") or 0))
+    train, evalset = dataset.select(range(n_eval, len(dataset))), dataset.select(range(n_eval)) if n_eval else None
+    return PreferenceData(train=train, eval=evalset, source=str(data["source"]), format="messages" if "messages"
+                          in (read[0][1] if read else {}) else "completion", rows=len(read),
+                          dropped={"duplicate": len(read) - len(rows)} if len(read) > len(rows) else {})
 
 
 def load_preference_data(data: dict) -> PreferenceData:
@@ -151,7 +217,7 @@ def read_local_rows(path: Path) -> list[tuple[str, dict]]:
     name = path.name
     if path.suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text_file(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -161,19 +227,42 @@ def read_local_rows(path: Path) -> list[tuple[str, dict]]:
         return rows
     if path.suffix == ".json":
         try:
-            items = json.loads(path.read_text(encoding="utf-8"))
+            items = json.loads(read_text_file(path))
         except json.JSONDecodeError as e:
             raise AppError(f"{name} line {e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(items, list):
             raise AppError(f"{name}: expected a JSON list of rows")
         return [(f"{name} row {i}", row) for i, row in enumerate(items, 1)]
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return [(f"{name} line {i}", row) for i, row in enumerate(csv.DictReader(f), 2)]
+        reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""))
+        return [(f"{name} line {i}", row) for i, row in enumerate(reader, 2)]
     if path.suffix == ".parquet":
-        import datasets
-        return [(f"{name} row {i}", row) for i, row in enumerate(datasets.Dataset.from_parquet(str(path)), 1)]
+        import pyarrow.parquet  # read directly: datasets would copy the file into its cache first
+        try:
+            table = pyarrow.parquet.read_table(path)
+        except Exception as e:  # pyarrow's ArrowInvalid and kin
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise AppError(f"{name}: not a readable Parquet file ({reason})") from None
+        return [(f"{name} row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
     raise AppError(f"{name}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+
+
+def read_text_file(path: Path) -> str:
+    """The file as text: UTF-8 (a UTF-8 byte-order mark is allowed); anything else is an error naming the
+    line, since every other encoding would turn the text into different tokens without a word."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise AppError(f"{path.name} line {line}: not UTF-8 text (" + ("it starts with a UTF-16 byte-order mark"
+                       if utf16 else f"byte 0x{raw[e.start]:02x}, e.g. Latin-1 or Windows-1252") +
+                       "); save the file as UTF-8") from None
+    if "\0" in text:
+        raise AppError(f"{path.name} line {text[:text.index(chr(0))].count(chr(10)) + 1}: NUL bytes in the text "
+                       f"(UTF-16 without a byte-order mark?); save the file as UTF-8")
+    return text
 
 
 def read_hub_rows(source: str, split: str, config: str | None = None) -> list[tuple[str, dict]]:
@@ -195,7 +284,8 @@ def to_conversational(row, where: str) -> dict:
     needed = FIELDS if fmt == "standard" else ("chosen", "rejected")  # hh and conversational may omit prompt
     missing = [k for k in needed if k not in row]
     if missing:
-        raise AppError(f"{where}: missing '{missing[0]}' (each row needs {', '.join(FIELDS)}; "
+        raise AppError(f"{where}: missing '{missing[0]}'; its columns are {', '.join(map(repr, row)) or 'none'} "
+                       f"(each row needs {', '.join(FIELDS)}, which a CSV names in its first line, the header; "
                        f"map other column names with data.columns)")
     if fmt == "hh":
         row = split_hh_dialogues(row["chosen"], row["rejected"])
@@ -215,6 +305,8 @@ def to_conversational(row, where: str) -> dict:
         out[key] = [{"role": m["role"], "content": m["content"]} for m in value]
     if out["chosen"] == out["rejected"]:
         raise DroppedRow("chosen equals rejected")
+    if sum(len(m["content"]) for side in out.values() for m in side) > MAX_ROW_CHARS:
+        raise DroppedRow(f"longer than {MAX_ROW_CHARS:,} characters")
     return out
 
 

@@ -6,23 +6,32 @@ right when chosen scores higher. Summed log-probs favour short replies, so a mod
 still prefer a short rejected reply outright; DPO's own reward accuracy measures the change instead
 (reward = beta * (log p_model - log p_base)), and it is computed for the trained model and every GGUF
 against the base's scores. Before training it is undefined (every reward is 0: policy = reference).
-The pairs are the trainer's own tokenization of the eval split, so every form sees the same token ids.
+The pairs are tokenized once, as DPOTrainer tokenizes them, and every form sees the same token ids.
 """
 import contextlib
 
 
-def held_out_pairs(eval_dataset, max_pairs: int, max_length: int | None) -> tuple[list[dict], int]:
-    """Up to `max_pairs` tokenized pairs (prompt_ids, chosen_ids, rejected_ids) from DPOTrainer's eval
-    dataset, and how many were left out because prompt + reply is longer than max_length."""
+def held_out_pairs(rows, tokenizer, max_pairs: int, max_length: int | None) -> tuple[list[dict], int]:
+    """Up to `max_pairs` held-out pairs as token ids (prompt_ids, chosen_ids, rejected_ids), tokenized
+    through the chat template as TRL's DPOTrainer does it (the reply starts where prompt and prompt+reply
+    diverge), and how many were left out because prompt + reply is longer than max_length."""
+    def ids(messages, **kw):
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
+
+    def shared(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
     pairs, too_long = [], 0
-    for row in eval_dataset:
+    for row in rows or []:
         if len(pairs) == max_pairs:
             break
-        longest = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
-        if max_length and longest > max_length:  # the trainer truncates these; a sum over a cut reply misleads
+        prompt = ids(row["prompt"], add_generation_prompt=True)
+        chosen, rejected = ids(row["prompt"] + row["chosen"]), ids(row["prompt"] + row["rejected"])
+        cut = min(shared(prompt, chosen), shared(prompt, rejected))
+        if max_length and max(len(chosen), len(rejected)) > max_length:  # cut by training; a sum over a cut reply misleads
             too_long += 1
             continue
-        pairs.append({k: list(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+        pairs.append({"prompt_ids": prompt[:cut], "chosen_ids": chosen[cut:], "rejected_ids": rejected[cut:]})
     return pairs, too_long
 
 
@@ -37,6 +46,30 @@ def score_pairs_hf(model, pairs) -> list[list[float]]:
         return float(logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None]).sum())
 
     return [[logp(p["prompt_ids"], p["chosen_ids"]), logp(p["prompt_ids"], p["rejected_ids"])] for p in pairs]
+
+
+def score_pairs_reward(model, pairs) -> list[list[float]]:
+    """[reward(prompt + chosen), reward(prompt + rejected)] per pair, from a sequence-classification model."""
+    import torch
+
+    def reward(prompt, reply):
+        with torch.no_grad():
+            return float(model(input_ids=torch.tensor([prompt + reply], device=model.device)).logits[0, 0])
+
+    return [[reward(p["prompt_ids"], p["chosen_ids"]), reward(p["prompt_ids"], p["rejected_ids"])] for p in pairs]
+
+
+def score_replies(model, tokenizer, prompt: str, replies: list[str]) -> list[float]:
+    """A reward model's score of each reply to one prompt, rendered through the chat template."""
+    import torch
+
+    def reward(reply):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            return float(model(input_ids=ids.to(model.device)).logits[0, 0])
+
+    return [reward(r) for r in replies]
 
 
 def score_pairs_gguf(llm, pairs) -> list[list[float]]:
@@ -90,13 +123,15 @@ def unsloth_inference(model):
         FastLanguageModel.for_training(model)
 
 
-def generate_replies(model, tokenizer, prompts, max_new_tokens=64) -> list[str]:
-    """Greedy replies through the chat template (the probes, before and after training)."""
+def generate_replies(model, tokenizer, prompts, max_new_tokens=64, system: str | None = None) -> list[str]:
+    """Greedy replies through the chat template (the probes, before and after training; the base in
+    `compare`), each a one-turn chat after the system prompt if one is given."""
     import torch
 
     replies = []
     for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,

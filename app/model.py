@@ -4,9 +4,11 @@ Unsloth picks its backend: CUDA kernels on a GPU, stock transformers + PEFT on a
 training on CPU"). Nothing here branches on the device except the check that a recipe which needs a GPU
 gets one, and that a hub model is either cached or reachable, both said before anything is loaded.
 """
+import json
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 from app import ROOT, AppError
@@ -32,6 +34,7 @@ def check_model_environment(recipe):
     name = str(recipe.model["name"])
     needs_gpu = recipe.model.get("requires_gpu") and not torch.cuda.is_available()
     local = name == "tiny" or Path(name).is_dir() or (ROOT / name).is_dir()
+    check_model_files(recipe)
     missing_model = not local and not is_cached(name) and not hub_reachable()
     problems = []
     if needs_gpu:
@@ -44,6 +47,78 @@ def check_model_environment(recipe):
                        + ("; a GPU recipe can be forced onto the CPU with --set model.requires_gpu=false, slowly" if needs_gpu else ""))
     if not local and is_cached(name):
         os.environ.setdefault("HF_HUB_OFFLINE", "0" if hub_reachable() else "1")
+
+
+def check_model_files(recipe):
+    """The model's own files, read without loading anything (milliseconds): a path that does not exist, a
+    local folder (check_model_folder), a cached hub model with only pickle weights."""
+    name = str(recipe.model["name"])
+    if name == "tiny":
+        return
+    folder = next((p for p in (Path(name), ROOT / name) if p.is_dir()), None)
+    if folder:
+        check_model_folder(folder, recipe)
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an org/name hub id
+        raise AppError(f"model folder {name} does not exist (model.name is a hub id like org/name, a local "
+                       f"folder, or 'tiny')")
+    elif is_cached(name) and not recipe.model.get("allow_pickle"):
+        check_cached_weights(name)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_model_folder(folder: Path, recipe):
+    """A local model folder, checked before anything loads: config.json, weights in safetensors (pickle
+    files, *.bin/*.pt, can run code when loaded: only with model.allow_pickle), a tokenizer and a chat
+    template (or model.chat_template)."""
+    name = recipe.model["name"]
+    if (folder / "adapter_config.json").is_file():  # a LoRA adapter: Unsloth loads its base from the config
+        return
+    if not (folder / "config.json").is_file():
+        raise AppError(f"model folder {name} has no config.json; point model.name at a folder written by "
+                       f"save_pretrained (or a hub snapshot)")
+    safe = list(folder.glob("*.safetensors"))
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not safe and pickled and not recipe.model.get("allow_pickle"):
+        raise AppError(f"model folder {name} has only pickle weights ({', '.join(pickled)}), which can run code "
+                       f"when loaded; convert them to safetensors, or set model.allow_pickle: true if you trust "
+                       f"where they came from")
+    if not safe and not pickled:
+        raise AppError(f"model folder {name} has no weights (no *.safetensors file)")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise AppError(f"model folder {name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    config = folder / "tokenizer_config.json"
+    has_template = (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file() or (
+        config.is_file() and bool(json.loads(config.read_text() or "{}").get("chat_template")))
+    if not has_template and not recipe.model.get("chat_template"):
+        raise AppError(f"model folder {name}: its tokenizer has no chat template; set model.chat_template "
+                       f"(e.g. llama-3, chatml, mistral, gemma, phi-3)")
+
+
+def check_cached_weights(repo_id: str):
+    """A cached hub model whose weights are only pickle files is refused unless model.allow_pickle."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(f):
+        return isinstance(try_to_load_from_cache(repo_id, f), str)
+    if not any(map(cached, ("model.safetensors", "model.safetensors.index.json"))) and any(
+            map(cached, ("pytorch_model.bin", "pytorch_model.bin.index.json"))):
+        raise AppError(f"model '{repo_id}' has only pickle weights (pytorch_model.bin) in the cache, which can "
+                       f"run code when loaded; set model.allow_pickle: true if you trust where they came from")
+
+
+def load_options(recipe) -> dict:
+    """Keyword arguments for every from_pretrained: trust_remote_code is off unless the recipe turns it on
+    (then said on stderr); use_safetensors=True unless model.allow_pickle, so no pickle file is loaded."""
+    m = recipe.model
+    if m.get("trust_remote_code"):
+        print(f"warning: recipe '{recipe.name}' sets model.trust_remote_code: true, so Python code from the "
+              f"repository of '{m['name']}' runs on this machine; keep it only for a source you trust",
+              file=sys.stderr)
+    return {"trust_remote_code": bool(m.get("trust_remote_code")),
+            "use_safetensors": None if m.get("allow_pickle") else True}
 
 
 def is_cached(repo_id: str) -> bool:
@@ -77,7 +152,7 @@ def load_model(recipe, source: str):
     m, lora = recipe.model, recipe.lora
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=source, max_seq_length=m["max_seq_length"], dtype=_dtype(m["dtype"]),
-        load_in_4bit=m["load_in_4bit"])
+        load_in_4bit=m["load_in_4bit"], **load_options(recipe))
     tokenizer = fix_chat_template(tokenizer, m.get("chat_template"), recipe.name)
     model = FastLanguageModel.get_peft_model(
         model, r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
@@ -86,13 +161,53 @@ def load_model(recipe, source: str):
     return model, tokenizer
 
 
+def load_reward_model(recipe, source: str):
+    """(PEFT sequence-classification model with one output, tokenizer) for the reward method.
+    Unsloth's loaders make causal LMs only (its CPU backend ignores auto_model), so this one goes through
+    transformers and PEFT directly, with the same LoRA settings and, on a GPU, the same 4-bit loading."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+
+    m, lora, options = recipe.model, recipe.lora, load_options(recipe)
+    tokenizer = fix_chat_template(AutoTokenizer.from_pretrained(source, trust_remote_code=options["trust_remote_code"]),
+                                  m.get("chat_template"), recipe.name)
+    quantized = m["load_in_4bit"] and torch.cuda.is_available()
+    torch.manual_seed(lora["random_state"])  # the new score head's initial weights, reproducibly
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=1, dtype=_dtype(m["dtype"]) or "auto", **options,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.bfloat16) if quantized else None)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
+    model = get_peft_model(model, LoraConfig(
+        task_type="SEQ_CLS", r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
+        target_modules=lora["target_modules"], bias=lora["bias"], use_rslora=lora.get("use_rslora", False)))
+    return model, tokenizer
+
+
+def load_trained_reward_model(recipe, adapter_dir: Path):
+    """A reward run's base with its adapter and score head, for `score`."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model_source(recipe), num_labels=1,
+                                                              dtype=_dtype(recipe.model["dtype"]) or "auto",
+                                                              **load_options(recipe))
+    base.config.pad_token_id = tokenizer.pad_token_id
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), tokenizer
+
+
 def load_trained_model(recipe, adapter_dir: Path):
     """The base with a run's adapter, through Unsloth (it reads the base from adapter_config.json)."""
     FastLanguageModel = import_unsloth().FastLanguageModel
 
     m = recipe.model
     return FastLanguageModel.from_pretrained(model_name=str(adapter_dir), max_seq_length=m["max_seq_length"],
-                                             dtype=_dtype(m["dtype"]), load_in_4bit=m["load_in_4bit"])
+                                             dtype=_dtype(m["dtype"]), load_in_4bit=m["load_in_4bit"],
+                                             **load_options(recipe))
 
 
 def load_tokenizer(recipe):
@@ -104,7 +219,7 @@ def load_tokenizer(recipe):
         from app.tiny import ensure_tiny_model
         name = str(ensure_tiny_model())
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=load_options(recipe)["trust_remote_code"])
     except OSError as e:
         raise AppError(f"could not load the tokenizer of '{name}' ({str(e).splitlines()[0]})") from None
     return fix_chat_template(tokenizer, recipe.model.get("chat_template"), recipe.name)

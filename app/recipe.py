@@ -1,22 +1,30 @@
 """Recipes: one YAML file per model or method, validated before anything heavy is loaded.
 
-A recipe has five sections (and an optional `name`, which defaults to the file's stem). `dpo:` keys are trl.DPOConfig's own field names (checked against TRL's
-dataclass, so a field TRL adds works here unchanged); the other sections are ours and small:
+A recipe has four sections of ours, one section per training method whose keys are that TRL config's own
+field names (checked against TRL's dataclass, so a field TRL adds works here unchanged), and three
+optional top-level keys: `name` (defaults to the file's stem), `stages` (the methods a recipe runs, in
+order, each starting from the previous one's merged weights; default [dpo]) and `base` (another recipe
+whose sections this one starts from, key by key, so a method recipe says only what differs).
 
     model:  name (hub id, local folder, or `tiny`), max_seq_length, load_in_4bit, dtype, chat_template,
-            requires_gpu; params and gpu_memory_gb describe it for `recipes`
+            requires_gpu, trust_remote_code and allow_pickle (both off: no code from the model's repo runs,
+            and only safetensors weights load); params and gpu_memory_gb describe it for `recipes`;
+            auto_fit: preflight picks the largest batch that fits the GPU (app/memory.py)
     lora:   r, lora_alpha, lora_dropout, target_modules, bias, use_rslora, random_state
     data:   source (hub id, local file or dataset folder), split, config, columns, eval_share or
             eval_split, eval_pairs (how many held-out pairs are scored by log-prob for base, trained
             and every GGUF), max_rows, seed
-    dpo:    any trl.DPOConfig field (beta, learning_rate, max_length, max_steps, ...)
+    sft, dpo, orpo, kto, reward:  trl.SFTConfig, DPOConfig, ORPOConfig, KTOConfig, RewardConfig fields
     export: gguf (list of types: f32, f16, bf16, q8_0, q4_k_m, ...), probes (prompts for the smoke test
-            and the before/after replies), system (a system prompt for the Ollama Modelfile)
+            and the before/after replies), system (a system prompt for the Ollama Modelfile), base
+            (also convert the untrained base to GGUF, for `compare`)
 """
 import ast
 import dataclasses
 import difflib
+import functools
 import importlib.util
+import re
 from pathlib import Path
 
 import yaml
@@ -27,23 +35,29 @@ RECIPES = ROOT / "recipes"
 
 OUR_KEYS = {
     "model": {"name", "params", "gpu_memory_gb", "max_seq_length", "load_in_4bit", "dtype", "chat_template",
-              "requires_gpu"},
+              "requires_gpu", "trust_remote_code", "allow_pickle", "auto_fit"},
     "lora": {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "random_state"},
     "data": {"source", "split", "config", "columns", "eval_share", "eval_split", "eval_pairs", "max_rows",
-             "seed"},
-    "export": {"gguf", "probes", "system"},
+             "seed", "unpair"},
+    "export": {"gguf", "probes", "system", "base"},
 }
-SECTIONS = [*OUR_KEYS, "dpo"]
+# method -> (TRL source file, config class): the fields are read from TRL's source (see trl_config_fields)
+METHODS = {"sft": ("trainer/sft_config.py", "SFTConfig"), "dpo": ("trainer/dpo_config.py", "DPOConfig"),
+           "orpo": ("experimental/orpo/orpo_config.py", "ORPOConfig"),  # experimental upstream
+           "kto": ("trainer/kto_config.py", "KTOConfig"), "reward": ("trainer/reward_config.py", "RewardConfig")}
+SECTIONS = [*OUR_KEYS, *METHODS]
 DEFAULTS = {
     "model": {"params": None, "gpu_memory_gb": None, "max_seq_length": 2048, "load_in_4bit": True, "dtype": None,
-              "chat_template": None, "requires_gpu": False},
+              "chat_template": None, "requires_gpu": False, "trust_remote_code": False, "allow_pickle": False,
+              "auto_fit": False},
     "lora": {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none", "random_state": 3407,
              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
     "data": {"split": "train", "config": None, "columns": None, "eval_share": 0.1, "eval_split": None,
-             "eval_pairs": 200, "max_rows": None, "seed": 0},
-    "dpo": {},
+             "eval_pairs": 200, "max_rows": None, "seed": 0, "unpair": False},
+    **{method: {} for method in METHODS},
     "export": {"gguf": ["f16", "q8_0", "q4_k_m"],
-               "probes": ["What is the sun?", "Tell me about bees.", "How do I make bread?"], "system": None},
+               "probes": ["What is the sun?", "Tell me about bees.", "How do I make bread?"], "system": None,
+               "base": False},
 }
 
 
@@ -54,11 +68,16 @@ class Recipe:
     model: dict
     lora: dict
     data: dict
-    dpo: dict      # keyword arguments for trl.DPOConfig
     export: dict
+    stages: list   # methods, run in order: [dpo], [sft, dpo], ...
+    sft: dict      # keyword arguments for trl.SFTConfig, and so on
+    dpo: dict
+    orpo: dict
+    kto: dict
+    reward: dict
 
     def to_dict(self) -> dict:
-        return {s: getattr(self, s) for s in SECTIONS}
+        return {"stages": self.stages, **{s: getattr(self, s) for s in SECTIONS}}
 
 
 def recipe_names() -> list[str]:
@@ -80,34 +99,66 @@ def find_recipe(name_or_path: str) -> Path:
 def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
     """Read, override (`section.key=value`, value parsed as YAML), fill defaults and validate."""
     path = find_recipe(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise AppError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise AppError(f"{path}: a recipe is a mapping of sections ({', '.join(SECTIONS)})")
+    raw = read_recipe_file(path)
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, field = key.partition(".")
         if not sep or not dot:
             raise AppError(f"override '{item}' is not of the form section.key=value (e.g. dpo.beta=0.2)")
-        raw.setdefault(section, {})[field] = yaml.safe_load(value) if value else None
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise AppError(f"{path}: section '{section}' must be a mapping of keys to values")
+        try:
+            raw[section][field] = yaml.safe_load(value) if value else None
+        except yaml.YAMLError as e:
+            raise AppError(f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', e)})") from None
 
-    name = raw.pop("name", None) or path.stem  # a run's resolved recipe.yaml keeps its recipe's name
+    name = str(raw.pop("name", None) or path.stem)  # a run's resolved recipe.yaml keeps its recipe's name
+    if not name.strip() or any(c in name for c in '/\\\0\n') or ".." in name \
+            or name.startswith((".", "-", "~")):  # the run folder is exports/<name>-<method>-<time>
+        raise AppError(f"{path}: name {name!r} must be a plain name (letters, digits, '-', '_', '.'), not a path: "
+                       f"run folders are made inside exports/")
+    stages = raw.pop("stages", None) or ["dpo"]
+    if not isinstance(stages, list) or not stages or any(s not in METHODS for s in stages):
+        raise AppError(f"{path}: stages must be a list of methods from {', '.join(METHODS)}, got {stages!r}")
     _check_keys(path, raw, "", SECTIONS)
     sections = {}
     for section in SECTIONS:
         given = raw.get(section) or {}
         if not isinstance(given, dict):
             raise AppError(f"{path}: section '{section}' must be a mapping of keys to values")
-        valid = OUR_KEYS.get(section) or dpo_config_fields()
+        valid = OUR_KEYS.get(section) or trl_config_fields(section)
         _check_keys(path, given, section + ".", valid)
         sections[section] = {**DEFAULTS[section], **given}
-    recipe = Recipe(name=str(name), path=path, **sections)
+    recipe = Recipe(name=str(name), path=path, stages=stages, **sections)
     _check_values(recipe)
     return recipe
+
+
+def read_recipe_file(path: Path, depth: int = 0) -> dict:
+    """The YAML mapping, with its `base:` recipe's sections underneath it, key by key."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        if isinstance(e, yaml.constructor.ConstructorError):  # !!python/object and kin: safe_load refuses them
+            tag = re.search(r"tag '([^']*)'", str(e.problem))
+            tag = tag[1].replace("tag:yaml.org,2002:", "!!") if tag else "?"
+            raise AppError(f"{path}{where}: the YAML tag '{tag}' is not allowed: a recipe holds plain values "
+                           f"(numbers, text, lists, mappings) and never runs code") from None
+        raise AppError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise AppError(f"{path}: a recipe is a mapping of sections ({', '.join(SECTIONS)})")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if depth >= 3:
+        raise AppError(f"{path}: base recipes nest deeper than 3 (is there a cycle?)")
+    under = read_recipe_file(find_recipe(str(base)), depth + 1)
+    under.pop("name", None)  # the name is the file's own
+    for key, value in raw.items():
+        under[key] = {**under[key], **value} if isinstance(under.get(key), dict) and isinstance(value, dict) else value
+    return under
 
 
 def _check_keys(path, given: dict, prefix: str, valid):
@@ -124,37 +175,105 @@ def _check_values(r: Recipe):
         raise AppError(f"{where} model.name is required (a hub id, a local folder, or 'tiny')")
     if not r.data.get("source"):
         raise AppError(f"{where} data.source is required (a hub dataset id or a local .jsonl/.json/.csv/.parquet)")
-    beta = r.dpo.get("beta", 0.1)
-    if not isinstance(beta, (int, float)) or beta <= 0:
-        raise AppError(f"{where} dpo.beta must be a positive number, got {beta!r}")
+    _check_types(r)
+    for method in ("dpo", "orpo", "kto"):
+        beta = getattr(r, method).get("beta", 0.1)
+        if not isinstance(beta, (int, float)) or beta <= 0:
+            raise AppError(f"{where} {method}.beta must be a positive number, got {beta!r}")
+    losses = r.dpo.get("loss_type", ["sigmoid"])
+    known = dpo_loss_types()
+    for loss in [losses] if isinstance(losses, str) else losses:
+        if loss not in known:
+            raise AppError(f"{where} dpo.loss_type '{loss}' is not one TRL's DPOTrainer knows: {', '.join(known)}")
     share = r.data["eval_share"]
     if not isinstance(share, (int, float)) or not 0 <= share < 1:
         raise AppError(f"{where} data.eval_share must be a number in [0, 1), got {share!r}")
     if not isinstance(r.data["eval_pairs"], int) or r.data["eval_pairs"] < 0:
         raise AppError(f"{where} data.eval_pairs must be a whole number >= 0, got {r.data['eval_pairs']!r}")
-    for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"):
-        value = r.dpo.get(key)
-        if value is not None and (not isinstance(value, int) or (value <= 0 and key != "max_steps")):
-            raise AppError(f"{where} dpo.{key} must be a positive integer, got {value!r}")
+    for method in METHODS:
+        for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"):
+            value = getattr(r, method).get(key)
+            if value is not None and (not isinstance(value, int) or (value <= 0 and (key, value) != ("max_steps", -1))):
+                raise AppError(f"{where} {method}.{key} must be a positive integer"
+                               f"{' (or -1: train for num_train_epochs)' if key == 'max_steps' else ''}, got {value!r}")
     from app.export import GGUF_TYPES  # one list of types, owned by the stage that makes them
     for t in r.export["gguf"]:
         if t not in GGUF_TYPES:
             raise AppError(f"{where} export.gguf type '{t}' is not one of {', '.join(GGUF_TYPES)}")
 
 
-def dpo_config_fields() -> set[str]:
-    """The field names of trl.DPOConfig, TrainingArguments' included, read from TRL's and transformers'
-    installed source rather than imported: importing them costs ~10 s (torch), and validation should
-    answer at once. tests/test_recipes.py checks that this equals dataclasses.fields(DPOConfig)."""
+# our keys that hold one plain type (None passes where None is the default); POSITIVE ones must be > 0
+TYPES = {"model": {"max_seq_length": int, "load_in_4bit": bool, "requires_gpu": bool, "trust_remote_code": bool,
+                   "allow_pickle": bool, "dtype": str, "chat_template": str},
+         "lora": {"r": int, "lora_alpha": float, "lora_dropout": float, "random_state": int, "use_rslora": bool,
+                  "bias": str, "target_modules": (list, str)},
+         "data": {"split": str, "eval_pairs": int, "max_rows": int, "seed": int, "eval_split": str, "columns": dict,
+                  "unpair": bool},
+         "export": {"gguf": list, "probes": list, "system": str, "base": bool}}
+POSITIVE = {"model.max_seq_length", "lora.r", "lora.lora_alpha", "data.max_rows"}
+DTYPES = (None, "auto", "float32", "float16", "bfloat16")
+TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text", list: "a list",
+              dict: "a mapping", type(None): "null"}
+
+
+def _check_types(r: Recipe):
+    """Wrong types are said here, not as a crash after the model has loaded: our keys from TYPES, and every
+    TRL field whose annotation is plain (int, float, bool, str, None) from TRL's own source."""
+    checks = [(f"{s}.{k}", getattr(r, s)[k], t if isinstance(t, tuple) else (t,))
+              for s, keys in TYPES.items() for k, t in keys.items()
+              if k in getattr(r, s) and not (getattr(r, s)[k] is None and DEFAULTS[s].get(k) is None)]
+    for method in METHODS:
+        annotations = trl_config_types(method)
+        checks += [(f"{method}.{k}", v, annotations[k]) for k, v in getattr(r, method).items() if annotations.get(k)]
+    for key, value, kinds in checks:
+        ok = any(isinstance(value, k) and not (k in (int, float) and isinstance(value, bool))
+                 or (k is float and isinstance(value, int) and not isinstance(value, bool)) for k in kinds)
+        if not ok:
+            hint = (" (YAML reads a number like 5e-4 as text: write 5.0e-4)" if isinstance(value, str)
+                    and re.fullmatch(r"[-+]?[\d.]+e[-+]?\d+", value, re.I) else "")
+            raise AppError(f"{r.path}: {key} must be {' or '.join(TYPE_NAMES[k] for k in kinds)}, got {value!r}{hint}")
+        if key in POSITIVE and value is not None and value <= 0:
+            raise AppError(f"{r.path}: {key} must be positive, got {value!r}")
+    if r.model["dtype"] not in DTYPES:
+        raise AppError(f"{r.path}: model.dtype must be one of {', '.join(map(str, DTYPES[1:]))} (or null), "
+                       f"got {r.model['dtype']!r}")
+
+
+def trl_config_types(method: str) -> dict:
+    """{field: tuple of Python types} for the fields of a method's TRL config annotated with plain types
+    only (`float`, `int | None`, `Optional[bool]`, ...); fields with other annotations are not listed."""
+    plain = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+    classes, types, name = _trl_classes(method), {}, METHODS[method][1]
+    while name in classes:  # the subclass first: its annotation wins
+        for n in classes[name].body:
+            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id not in types:
+                text = ast.unparse(n.annotation)
+                text = re.sub(r"^Optional\[(.*)\]$", r"\1 | None", text)
+                parts = [p.strip() for p in re.sub(r"^Union\[(.*)\]$", r"\1", text).replace(",", "|").split("|")]
+                types[n.target.id] = tuple(plain[p] for p in parts) if all(p in plain for p in parts) else None
+        name = next((b.id for b in classes[name].bases if isinstance(b, ast.Name)), None)
+    return {k: v for k, v in types.items() if v}
+
+
+@functools.cache
+def _trl_classes(method: str) -> dict:
+    """The class definitions of a method's TRL config and its bases, parsed from the installed source
+    rather than imported: importing TRL costs ~10 s (torch), and validation should answer at once."""
     trl_dir = Path(importlib.util.find_spec("trl").origin).parent
     transformers_dir = Path(importlib.util.find_spec("transformers").origin).parent
     classes = {}
-    for source in (trl_dir / "trainer" / "dpo_config.py", trl_dir / "trainer" / "base_config.py",
+    for source in (trl_dir / METHODS[method][0], trl_dir / "trainer" / "base_config.py",
                    transformers_dir / "training_args.py"):
         for node in ast.parse(source.read_text()).body:
             if isinstance(node, ast.ClassDef):
                 classes[node.name] = node
-    fields, name = set(), "DPOConfig"
+    return classes
+
+
+def trl_config_fields(method: str) -> set[str]:
+    """The field names of a method's TRL config (e.g. DPOConfig), TrainingArguments' included.
+    tests/test_recipes.py checks that this equals dataclasses.fields() of each imported class."""
+    classes, fields, name = _trl_classes(method), set(), METHODS[method][1]
     while name in classes:  # DPOConfig -> _BaseConfig -> TrainingArguments
         cls = classes[name]
         fields |= {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
@@ -163,7 +282,15 @@ def dpo_config_fields() -> set[str]:
     return fields
 
 
+def dpo_loss_types() -> list[str]:
+    """The loss types DPOConfig's own help text lists for `loss_type`, so a loss TRL adds works unchanged."""
+    cls = _trl_classes("dpo")["DPOConfig"]
+    field = next(n for n in cls.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "loss_type")
+    help_text = "".join(c.value for c in ast.walk(field.value) if isinstance(c, ast.Constant) and isinstance(c.value, str))
+    return re.findall(r"`'([a-z_]+)'`", help_text.split("If multiple")[0])
+
+
 def save_recipe(recipe: Recipe, path: Path):
     """The resolved recipe (defaults and overrides applied), so a run folder says exactly what ran."""
-    header = f"# resolved from {recipe.path.name}; rerun with: python -m app dpo {path}\n"
+    header = f"# resolved from {recipe.path.name}; rerun with: python -m app train {path}\n"
     path.write_text(header + yaml.safe_dump({"name": recipe.name, **recipe.to_dict()}, sort_keys=False))

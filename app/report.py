@@ -4,6 +4,7 @@ Reads recipe.yaml, train.json, metrics.jsonl, preference_eval.json and smoke.jso
 plots/*.png (matplotlib). `python -m app report RUN` rebuilds them; `python -m app runs` tabulates runs.
 """
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -32,7 +33,7 @@ def summarize_run(run: Path) -> dict | None:
                                                          "passed": None, "accuracy": None,
                                                          "reward_accuracy": None})
     return {
-        "run": run.name, "recipe": recipe.get("name") or run.name.rsplit("-", 2)[0],
+        "run": run.name, "recipe": recipe.get("name") or run.name.rsplit("-", 2)[0], "method": train.get("method", "dpo"),
         "model": recipe["model"]["name"], "data": str(recipe["data"]["source"]),
         "steps": train["steps"], "train_seconds": train["train_seconds"], "peak_memory_gb": train["peak_memory_gb"],
         "pairs": after.get("pairs", 0), "accuracy_before": before.get("accuracy"),
@@ -59,13 +60,16 @@ def write_report(run: Path) -> Path:
 
     data = train.get("data", {})
     lines = [f"# {run.name}", "",
-             f"- model: {s['model']} (recipe {s['recipe']})",
+             f"- model: {s['model']} (recipe {s['recipe']}, method {train.get('method', 'dpo')})",
              f"- data: {s['data']}" + (f" ({data['format']}): {data['train']} pairs trained, {data['eval']} held out"
                                        if data else ""),
              f"- training: {s['steps']} steps in {s['train_seconds']:.0f} s, peak memory {s['peak_memory_gb']:.2f} GB",
-             f"- held-out pairs ({s['pairs']}): chosen ranked first by log-prob {fmt_pct(s['accuracy_before'])} "
-             f"before -> {fmt_pct(s['accuracy_after'])} after (margin {fmt_num(s['margin_before'])} -> "
-             f"{fmt_num(s['margin_after'])} nats); DPO reward accuracy {fmt_pct(s['reward_accuracy_after'])}",
+             (f"- held-out pairs ({s['pairs']}): chosen scored above rejected by the reward model "
+              f"{fmt_pct(s['accuracy_before'])} before (random head) -> {fmt_pct(s['accuracy_after'])} after (margin "
+              f"{fmt_num(s['margin_before'])} -> {fmt_num(s['margin_after'])})" if train.get("method") == "reward" else
+              f"- held-out pairs ({s['pairs']}): chosen ranked first by log-prob {fmt_pct(s['accuracy_before'])} "
+              f"before -> {fmt_pct(s['accuracy_after'])} after (margin {fmt_num(s['margin_before'])} -> "
+              f"{fmt_num(s['margin_after'])} nats); DPO reward accuracy {fmt_pct(s['reward_accuracy_after'])}"),
              "- GGUF: " + (", ".join(f"{t} {g['mib']} MiB (reward acc {fmt_pct(g['reward_accuracy'])}, log-prob "
                                      f"{fmt_pct(g['accuracy'])})" for t, g in s["ggufs"].items()) or "none")
              + f"; smoke test: {(s['smoke'] or 'not run').upper()}",
@@ -108,6 +112,13 @@ def pair_row(name: str, p: dict) -> str:
             f"{fmt_num(p.get('reward_margin'))} | {fmt_pct(p.get('agreement'))} |")
 
 
+def save_png(fig, path: Path):
+    """A plot under a temporary name, then renamed: a report cut short never leaves half a PNG."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, path)
+
+
 def plot_curves(logs, out: Path):
     """loss.png, rewards.png, logps.png: train (solid) and held-out eval (dots) against steps."""
     import matplotlib
@@ -141,9 +152,12 @@ def plot_curves(logs, out: Path):
                 curve(ax, key, label, color, eval_key)
             ax.set(title=title, xlabel="step", ylabel=ylabel)
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:  # SFT, KTO and reward runs log no DPO reward curves
+                ax.legend()
+            else:
+                ax.text(0.5, 0.5, "not logged by this method", ha="center", va="center", transform=ax.transAxes)
         fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=100)
+        save_png(fig, out / f"{name}.png")
         plt.close(fig)
 
 
@@ -167,7 +181,7 @@ def plot_heldout_accuracy(s: dict, path: Path):
     ax.set(ylim=(0, 1.15), ylabel="share of held-out pairs", title=f"held-out preference pairs ({s['pairs']})")
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -185,11 +199,11 @@ def list_runs(sort: str = "run", descending: bool = False) -> list[dict]:
 
 def format_runs_table(rows) -> str:
     """Accuracies: log-prob before -> after, then DPO reward accuracy of the trained model and each GGUF."""
-    lines = [f"{'run':<30} {'recipe':<12} {'steps':>5} {'train s':>7} {'peak GB':>7} {'log-prob acc':>12} "
+    lines = [f"{'run':<34} {'recipe':<12} {'method':<6} {'steps':>5} {'train s':>7} {'peak GB':>7} {'log-prob acc':>12} "
              f"{'reward acc':>10}  {'GGUF (MiB, reward acc)':<40} smoke"]
     for r in rows:
         ggufs = " ".join(f"{t}:{g['mib']}:{fmt_pct(g['reward_accuracy'])}" for t, g in r["ggufs"].items())
-        lines.append(f"{r['run']:<30} {r['recipe']:<12} {r['steps']:>5} {r['train_seconds']:>7.0f} "
+        lines.append(f"{r['run']:<34} {r['recipe']:<12} {r['method']:<6} {r['steps']:>5} {r['train_seconds']:>7.0f} "
                      f"{r['peak_memory_gb']:>7.2f} {fmt_pct(r['accuracy_before']) + ' > ' + fmt_pct(r['accuracy_after']):>12} "
                      f"{fmt_pct(r['reward_accuracy_after']):>10}  {ggufs:<40} {r['smoke'] or '-'}")
     return "\n".join(lines)

@@ -12,7 +12,6 @@ The result is cached in .cache/tiny-model/ under a fingerprint of the corpus and
 """
 import hashlib
 import io
-import json
 import math
 import re
 import shutil

@@ -1,8 +1,12 @@
-"""The train stage: TRL's DPOTrainer on the Unsloth model; the reference is the base with adapters off.
+"""The train stage: TRL's trainers on the Unsloth model, one path for every method.
 
-Everything TRL logs goes to metrics.jsonl in the run folder, one JSON object per logging step, and one
-console line per logging step says step, loss, reward accuracy, margin, tokens/s and peak memory.
+sft, dpo, orpo and kto train the LoRA of a causal LM (DPO's and KTO's reference is the same model with
+adapters off); reward trains a sequence-classification head with LoRA. Everything TRL logs goes to
+metrics.jsonl in the run folder, one JSON object per logging step, and one console line per logging
+step says step, loss, the method's accuracy and margin, tokens/s and peak memory. For the causal LMs the
+held-out preference pairs are scored before and after (app/evaluate.py), whatever the method.
 """
+import importlib
 import json
 import math
 import resource
@@ -13,36 +17,51 @@ from pathlib import Path
 from transformers import PrinterCallback, TrainerCallback
 
 from app import AppError
-from app.evaluate import (generate_replies, held_out_pairs, score_pairs_hf, summarize_scores,
+from app.evaluate import (generate_replies, held_out_pairs, score_pairs_hf, score_pairs_reward, summarize_scores,
                           unsloth_inference)
-from app.runs import write_json, write_text
+from app.runs import checkpoint_step, last_checkpoint, write_json, write_text
+
+# method -> (module, config class, trainer class, whether the trainer takes ref_model=None: adapters off)
+TRAINERS = {"sft": ("trl", "SFTConfig", "SFTTrainer", False), "dpo": ("trl", "DPOConfig", "DPOTrainer", True),
+            "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer", False),
+            "kto": ("trl", "KTOConfig", "KTOTrainer", True), "reward": ("trl", "RewardConfig", "RewardTrainer", False)}
 
 
-def train_dpo(model, tokenizer, data, recipe, run: Path, resume_from: Path | None = None) -> dict:
-    """Train in place; write metrics.jsonl and adapter/ into `run`; return a summary dict. With
-    `resume_from` (a checkpoint of this run), Trainer restores adapter, optimizer, scheduler and RNG
-    states and goes on from its step; metrics logged after that step are dropped first (they are redone)."""
+def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbacks):
+    """The method's TRL trainer, its config built from the recipe's section of the same name."""
     import torch
-    from trl import DPOConfig, DPOTrainer
 
+    module, config_class, trainer_class, takes_ref = TRAINERS[method]
+    module = importlib.import_module(module)
     on_gpu = torch.cuda.is_available()
-    args = DPOConfig(**{
+    args = getattr(module, config_class)(**{
         "output_dir": str(run / "checkpoints"), "report_to": "none", "disable_tqdm": True,  # our bar, our lines
         "include_num_input_tokens_seen": "non_padding", "save_total_limit": 2,
         "bf16": on_gpu and torch.cuda.is_bf16_supported(), "fp16": on_gpu and not torch.cuda.is_bf16_supported(),
-        **recipe.dpo})
-    log = MetricsLog(run / "metrics.jsonl")
-    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=data.train,
-                         eval_dataset=data.eval, processing_class=tokenizer, callbacks=[log])
+        **getattr(recipe, method)})
+    extra = {"ref_model": None} if takes_ref else {}
+    trainer = getattr(module, trainer_class)(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                                             processing_class=tokenizer, callbacks=callbacks, **extra)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; MetricsLog prints one line per log
+    return trainer
 
-    # before: LoRA B starts at zero, so the model is still the base model
-    probes = recipe.export["probes"]
-    pairs, too_long = ([], 0) if data.eval is None else held_out_pairs(
-        trainer.eval_dataset, recipe.data["eval_pairs"], args.max_length)
-    with unsloth_inference(model):
+
+def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: Path | None = None) -> dict:
+    """Train in place; write metrics.jsonl, preference_eval.json and adapter/ into `run`; return a summary.
+    With `resume_from` (a checkpoint of this run), Trainer restores adapter, optimizer, scheduler and RNG
+    states and goes on from its step; metrics logged after that step are dropped first (they are redone)."""
+    log = MetricsLog(run / "metrics.jsonl", method)
+    trainer = make_trainer(method, model, tokenizer, data, recipe, run, [log])
+    args, causal = trainer.args, method != "reward"
+    beta = getattr(args, "beta", 0.1)  # sft has none: reward accuracy does not depend on it, only the margin
+
+    # before: LoRA B starts at zero, so the model is still the base model (for reward: a random head)
+    probes = recipe.export["probes"] if causal else []
+    pairs, too_long = held_out_pairs(data.pairs, tokenizer, recipe.data["eval_pairs"], args.max_length)
+    score = score_pairs_hf if causal else score_pairs_reward
+    with unsloth_inference(model) if causal else _no_grad():
         before = generate_replies(model, tokenizer, probes)
-        base_scores = score_pairs_hf(model, pairs)
+        base_scores = score(model, pairs)
     if resume_from:
         keep_metrics_until(run / "metrics.jsonl", checkpoint_step(resume_from))
         # PEFT saves the trained adapter at the checkpoint's root and TRL's frozen "ref" copy in ref/; when a
@@ -57,25 +76,30 @@ def train_dpo(model, tokenizer, data, recipe, run: Path, resume_from: Path | Non
         good = last_checkpoint(run)
         raise AppError(f"training stopped at step {log.bad_step}: the loss is {log.bad_value}; the last good "
                        f"checkpoint is {good.relative_to(run) if good else 'none (none was saved yet)'} "
-                       f"(lower dpo.learning_rate, or check the data)")
+                       f"(lower {method}.learning_rate, or check the data)")
     evals = [r for r in trainer.state.log_history if "eval_loss" in r]
     final_eval = {}
     if data.eval is not None:  # reuse the eval of the last step when there was one
         final_eval = evals[-1] if evals and evals[-1]["step"] == result.global_step else trainer.evaluate()
 
     # after
-    with unsloth_inference(model):
+    with unsloth_inference(model) if causal else _no_grad():
         after = generate_replies(model, tokenizer, probes)
-        trained_scores = score_pairs_hf(model, pairs)
-    preference = {"base": summarize_scores(base_scores),
-                  "trained": summarize_scores(trained_scores, base_scores, args.beta), "left_out_too_long": too_long}
-    write_json(run / "preference_eval.json", {**preference, "beta": args.beta, "pairs": [
+        trained_scores = score(model, pairs)
+    if causal:
+        preference = {"base": summarize_scores(base_scores),
+                      "trained": summarize_scores(trained_scores, base_scores, beta), "left_out_too_long": too_long}
+    else:  # a reward model's scores are rewards already: accuracy = chosen scored above rejected
+        preference = {"base": summarize_scores(base_scores), "trained": summarize_scores(trained_scores),
+                      "left_out_too_long": too_long}
+    write_json(run / "preference_eval.json", {**preference, "beta": beta, "method": method, "pairs": [
         {**p, "base": b, "trained": t} for p, b, t in zip(pairs, base_scores, trained_scores)]})
 
     model.save_pretrained(str(run / "adapter"))
     tokenizer.save_pretrained(str(run / "adapter"))
     return {
-        "steps": result.global_step, "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
+        "method": method, "steps": result.global_step,
+        "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
         "train_loss": result.training_loss, "eval": {k: v for k, v in final_eval.items() if k.startswith("eval_")},
         "preference": preference, "peak_memory_gb": peak_memory_gb(),
         "data": {"source": data.source, "format": data.format, "rows": data.rows, "dropped": data.dropped,
@@ -84,15 +108,9 @@ def train_dpo(model, tokenizer, data, recipe, run: Path, resume_from: Path | Non
     }
 
 
-def checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[-1])
-
-
-def last_checkpoint(run: Path) -> Path | None:
-    """The newest complete checkpoint: Trainer writes trainer_state.json last, so a checkpoint cut short
-    by a crash has none and is passed over."""
-    done = [c for c in (run / "checkpoints").glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
-    return max(done, key=checkpoint_step, default=None)
+def _no_grad():
+    import torch
+    return torch.no_grad()
 
 
 def keep_metrics_until(path: Path, step: int):
@@ -112,8 +130,8 @@ def peak_memory_gb() -> float:
 class MetricsLog(TrainerCallback):
     """Appends every log to metrics.jsonl, prints one line per logging step, owns the progress bar."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, method: str = "dpo"):
+        self.path, self.method = path, method
         self.bar, self.bad_step, self.bad_value = None, None, None
         self.last_time, self.last_tokens, self.start = None, 0, None
 
@@ -121,7 +139,7 @@ class MetricsLog(TrainerCallback):
         from tqdm.auto import tqdm
         self.start = self.last_time = time.time()
         self.last_tokens = state.num_input_tokens_seen  # not 0 when resuming from a checkpoint
-        self.bar = tqdm(total=state.max_steps, desc="dpo", unit="step", file=sys.stderr,
+        self.bar = tqdm(total=state.max_steps, desc=self.method, unit="step", file=sys.stderr,
                         disable=not sys.stderr.isatty(), leave=False)
 
     def on_step_end(self, args, state, control, **kw):
@@ -151,12 +169,23 @@ class MetricsLog(TrainerCallback):
             self.bar.close()
 
 
+# what each method logs as its accuracy and margin (train keys; eval keys have an "eval_" prefix)
+ACCURACY_KEYS = ("rewards/accuracies", "mean_token_accuracy", "accuracy")
+MARGIN_KEYS = ("rewards/margins", "margin")
+
+
 def format_log_line(r: dict, max_steps: int) -> str | None:
+    def first(keys, prefix=""):
+        return next((r[prefix + k] for k in keys if prefix + k in r), None)
+
+    def extras(prefix=""):
+        acc, margin = first(ACCURACY_KEYS, prefix), first(MARGIN_KEYS, prefix)
+        return (f" | acc {acc:.2f}" if acc is not None else "") + (f" | margin {margin:+.3f}" if margin is not None else "")
+
     if "loss" in r:
-        return (f"step {r['step']:>4}/{max_steps} | loss {r['loss']:.4f} | acc {r.get('rewards/accuracies', 0):.2f}"
-                f" | margin {r.get('rewards/margins', 0):+.3f} | {r['tokens_per_second']:,.0f} tok/s"
+        speed = f" | {r['tokens_per_second']:,.0f} tok/s" if r["tokens_per_second"] else ""  # ORPO counts none
+        return (f"step {r['step']:>4}/{max_steps} | loss {r['loss']:.4f}{extras()}{speed}"
                 f" | peak {r['peak_memory_gb']:.2f} GB | {r['time']:.0f}s")
     if "eval_loss" in r:
-        return (f"eval at step {r['step']} | loss {r['eval_loss']:.4f} | acc "
-                f"{r.get('eval_rewards/accuracies', 0):.2f} | margin {r.get('eval_rewards/margins', 0):+.3f}")
+        return f"eval at step {r['step']} | loss {r['eval_loss']:.4f}{extras('eval_')}"
     return None

@@ -1,0 +1,79 @@
+"""Every method trains the tiny model through the same stages, and its own objective improves.
+
+sft, orpo and kto produce a causal LM, so they also go through export and smoke unchanged; reward
+produces a scorer. Each test removes its run folders."""
+import json
+import os
+import shutil
+
+import pytest
+
+from app.cli import main
+from app.runs import EXPORTS
+from tests.conftest import read_jsonl
+
+STEPS = 20
+
+
+@pytest.fixture
+def new_runs():
+    """new_runs(prefix): the run folders this test made whose names start with `prefix` (sorted, i.e. by
+    time); they are removed afterwards and `latest` restored. A prefix keeps other processes' runs out."""
+    before, latest, asked = set(EXPORTS.iterdir()), EXPORTS / "latest", []
+    old_latest = os.readlink(latest) if latest.is_symlink() else None
+
+    def made(prefix):
+        asked.append(prefix)
+        return sorted(r for r in set(EXPORTS.glob(prefix + "*")) - before)
+
+    yield made
+    for prefix in asked:
+        for run in set(EXPORTS.glob(prefix + "*")) - before:
+            shutil.rmtree(run, ignore_errors=True)
+    if old_latest:
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(old_latest)
+
+
+def losses(run):
+    return [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.parametrize("method", ["sft", "orpo", "kto"])
+def test_each_method_lowers_its_loss_and_its_gguf_passes_smoke(method, new_runs):
+    assert main([method, "tiny", "--set", f"{method}.max_steps={STEPS}", "--set", "export.gguf=[f16]"]) == 0
+    (run,) = new_runs(f"tiny-{method}-")
+    first, *_, last = losses(run)
+    assert last < first, f"{method} loss did not fall: {first} -> {last}"
+    train = json.loads((run / "train.json").read_text())
+    assert train["method"] == method and train["steps"] == STEPS
+    base, trained = train["preference"]["base"], train["preference"]["trained"]
+    # all three push chosen up relative to rejected on held-out pairs, each by its own route
+    assert trained["margin"] > base["margin"], (base, trained)
+    smoke = json.loads((run / "smoke.json").read_text())
+    assert [r["passed"] for r in smoke["results"]] == [True]
+
+
+def test_reward_model_ranks_held_out_pairs_above_chance_and_scores_replies(new_runs, capsys):
+    assert main(["reward", "tiny", "--set", f"reward.max_steps={STEPS}"]) == 0
+    (run,) = new_runs("tiny-reward-")
+    train = json.loads((run / "train.json").read_text())
+    assert train["preference"]["trained"]["accuracy"] >= 0.8  # 30 held-out pairs; chance is 0.5
+    assert not (run / "gguf").exists() and (run / "report.md").is_file()
+    capsys.readouterr()
+    assert main(["score", str(run), "--prompt", "Tell me about bees.",
+                 "--response", "Of course! Bees are insects that make honey. I hope this helps.",
+                 "--response", "Not my problem."]) == 0
+    polite, rude = (float(line.split()[0]) for line in capsys.readouterr().out.strip().splitlines())
+    assert polite > rude
+
+
+def test_sft_then_dpo_starts_dpo_from_the_sft_weights(new_runs):
+    assert main(["train", "tiny-sft-dpo", "--set", "sft.max_steps=10", "--set", "dpo.max_steps=10",
+                 "--set", "export.gguf=[f16]"]) == 0
+    (sft_run,), (dpo_run,) = new_runs("tiny-sft-dpo-sft-"), new_runs("tiny-sft-dpo-dpo-")
+    dpo_recipe = (dpo_run / "recipe.yaml").read_text()
+    assert str(sft_run / "merged") in dpo_recipe  # its base (and DPO's reference) is the SFT model
+    assert json.loads((dpo_run / "train.json").read_text())["method"] == "dpo"
+    assert all(r["passed"] for r in json.loads((dpo_run / "smoke.json").read_text())["results"])
+    assert os.readlink(EXPORTS / "latest") == dpo_run.name
