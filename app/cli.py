@@ -123,7 +123,8 @@ def cmd_train(args):
     from app.preflight import run_preflight
     run_preflight(recipe, log=print)  # seconds of checks before any model loads; model.auto_fit sets the batch
     method = args.command
-    stages = recipe.stages if method == "train" or recipe.stages[-1] == method else [method]
+    # a resumed run is one stage, its own method whichever command resumes it
+    stages = recipe.stages if args.resume or method == "train" or recipe.stages[-1] == method else [method]
     for i, stage in enumerate(stages):
         if i:  # each stage starts from the previous one's merged 16-bit weights
             recipe = dataclasses.replace(recipe, model={**recipe.model, "name": str(run / "merged")})

@@ -3,11 +3,14 @@
     .venv/bin/python bench/dpo_speed.py --shape tiny                   # CPU: proves the script, not Unsloth
     python bench/dpo_speed.py --shape llama-1b                         # GPU: max_length 1024 and 2048
     python bench/dpo_speed.py --shape llama3-8b --max-length 1024      # GPU: one length per call
+    .venv/bin/python bench/dpo_speed.py --arms unsloth --lever padding_free=true   # a speed lever, A/B
 
 Arms, each in its own process, alternating A B A B so that drift (heat, other load) hits both alike:
   unsloth   app.model.load_model (Unsloth imported first, LoRA with use_gradient_checkpointing="unsloth")
   baseline  transformers AutoModelForCausalLM (bitsandbytes 4-bit NF4 on CUDA), standard non-reentrant
             gradient checkpointing, PEFT get_peft_model; Unsloth is never imported in that process
+  unsloth+KEY=VALUE  (--lever KEY=VALUE) the app's path with one more DPOConfig field: a speed lever, measured
+            against plain `unsloth` in the same alternation; kept in the app only where it pays
 Both get the same LoRA (r 16, alpha 16, all seven projections), the same trl.DPOConfig (built as app/train.py
 builds it: ref_model=None, so the reference is the policy with adapters off), the same rows through
 app.data, the same batch size, max_length and steps. The model is random-initialised from a config and
@@ -57,6 +60,8 @@ def parse_args():
     p.add_argument("--data", choices=["tiny", "synthetic"], help="tiny: recipes/data/tiny_prefs.jsonl; "
                    "synthetic: pairs that fill max_length (default tiny for tiny, synthetic on GPU)")
     p.add_argument("--arms", nargs="+", choices=["unsloth", "baseline"], default=["unsloth", "baseline"])
+    p.add_argument("--lever", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra arm: the app's path with this DPOConfig field set (repeat for more arms)")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if its name is not known here")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
@@ -72,7 +77,16 @@ def parse_args():
     args.data = args.data or ("tiny" if tiny else "synthetic")
     if args.steps <= args.warmup:
         p.error("--steps must be more than --warmup")
+    if not args.internal:
+        args.arms += [f"unsloth+{lever}" for lever in args.lever]
     return args
+
+
+def lever_fields(arm: str) -> dict:
+    """'unsloth+padding_free=true' -> {'padding_free': True}; the plain arms have none."""
+    import yaml
+    key, _, value = arm.partition("+")[2].partition("=")
+    return {key: yaml.safe_load(value)} if key else {}
 
 
 # --- build: the model and the data, once, shared by every run -------------------------------------------------
@@ -133,7 +147,7 @@ def write_synthetic(path: Path, tokenizer, args) -> Path:
 # --- one arm: load, train, report ---------------------------------------------------------------------------
 
 def run_arm(args, work: Path):
-    if args.arm == "unsloth":
+    if args.arm.startswith("unsloth"):
         from app.model import import_unsloth
         import_unsloth()  # first: it patches transformers, PEFT and TRL on import
     import torch
@@ -159,7 +173,7 @@ def run_arm(args, work: Path):
 
     info = json.loads((work / "info.json").read_text())
     t0 = time.perf_counter()
-    model, tokenizer = (load_unsloth if args.arm == "unsloth" else load_baseline)(args, work / "model")
+    model, tokenizer = (load_unsloth if args.arm.startswith("unsloth") else load_baseline)(args, work / "model")
     load_s = time.perf_counter() - t0
     data = load_preference_data({"source": info["data"], "eval_share": 0, "seed": 0}).train
     if torch.cuda.is_available():
@@ -260,7 +274,7 @@ def make_trainer(model, tokenizer, data, args, work: Path, timer):
         bf16=on_gpu and torch.cuda.is_bf16_supported(), fp16=on_gpu and not torch.cuda.is_bf16_supported(),
         beta=0.1, learning_rate=5e-6, max_steps=args.steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, max_length=args.max_length[0], logging_steps=1, save_strategy="no",
-        eval_strategy="no", seed=0)
+        eval_strategy="no", seed=0, **lever_fields(args.arm))
     trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=data, processing_class=tokenizer,
                          callbacks=[timer])
     trainer.remove_callback(PrinterCallback)
@@ -325,7 +339,10 @@ def tables(args, info, runs) -> str:
     for length in args.max_length:  # the headline: medians per arm and their ratio
         med = {arm: statistics.median(r["tokens_per_s"] for r in runs if r["arm"] == arm and r["max_length"] == length)
                for arm in args.arms}
-        ratio = f", unsloth / baseline = {med['unsloth'] / med['baseline']:.2f}x" if len(med) == 2 else ""
+        ratio = (f", unsloth / baseline = {med['unsloth'] / med['baseline']:.2f}x"
+                 if {"unsloth", "baseline"} <= med.keys() else "")
+        ratio += "".join(f", {a} / unsloth = {v / med['unsloth']:.2f}x" for a, v in med.items()
+                         if "+" in a and "unsloth" in med)  # a lever's gain over the app as it is
         lines.append(f"max_length {length}: median tok/s " + ", ".join(f"{a} {v:,.0f}" for a, v in med.items()) + ratio)
     return "\n".join(lines)
 
