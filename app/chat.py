@@ -15,7 +15,7 @@ import yaml
 
 from app import AppError
 from app.export import CHAT_PREFERENCE
-from app.runs import check_gguf_file, open_gguf, resolve_run
+from app.runs import open_gguf, resolve_run
 
 HELP = "/reset clears the conversation, /system TEXT replaces the system prompt, /quit leaves"
 
@@ -58,7 +58,6 @@ def recipe_system(gguf: Path) -> str | None:
 def chat(gguf: Path, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7,
          top_p: float = 0.95, seed: int = 0, n_ctx: int = 2048):
     """The conversation loop. `system` None means the recipe's; "" means none."""
-    check_gguf_file(gguf)
     if not 0 < max_tokens < n_ctx:
         raise AppError(f"--max-tokens {max_tokens} must be positive and leave room for the prompt in the "
                        f"context of {n_ctx} tokens (--ctx)")

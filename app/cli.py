@@ -312,15 +312,11 @@ def cmd_verify(args):
 
 def cmd_report(args):
     from app.report import write_report
-    from app.runs import discard_manifest, resolve_run, write_manifest
+    from app.runs import resolve_run, rewriting_finished_run
 
     run = resolve_run(args.run, write=True)
-    had_manifest = discard_manifest(run)  # a report cut short must not leave a manifest naming old files
-    try:
+    with rewriting_finished_run(run):
         report = write_report(run)
-    finally:
-        if had_manifest:
-            write_manifest(run)  # the report's files are part of the run
     print_report_summary(report)
     print(f"report: {report}")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from app import AppError
 from app.chat import find_gguf, prompt_counter, with_system
 from app.export import BASE_GGUF
-from app.runs import open_gguf, write_manifest, write_text
+from app.runs import open_gguf, rewriting_finished_run, write_text
 
 N_CTX = 2048  # tokens of prompt and reply, as chat's default --ctx
 
@@ -37,9 +37,8 @@ def compare_run(run: Path, prompts_file: Path | None = None, max_tokens: int = 1
         base_label = f"{source} (transformers)"
     rows = [{"prompt": p, "base": b, "aligned": a} for p, b, a in zip(prompts, base_replies, aligned_replies)]
     labels = {"base": base_label, "aligned": f"{aligned.parent.name}/{aligned.name} (llama.cpp)"}
-    write_text(run / "compare.md", format_markdown(run.name, rows, labels, system, max_tokens))
-    if (run / "manifest.json").is_file():
-        write_manifest(run)  # compare.md is part of the run, as the report is
+    with rewriting_finished_run(run):  # compare.md is part of the run, as the report is
+        write_text(run / "compare.md", format_markdown(run.name, rows, labels, system, max_tokens))
     print_columns(rows, labels)
     log(f"saved: {run / 'compare.md'}")
     return rows

@@ -45,12 +45,12 @@ def load_training_data(data: dict, method: str) -> PreferenceData:
     prompt/completion for sft (the chosen side of pairs, or chat data: a `messages` list or prompt and
     completion); prompt/completion/label for kto (unpaired rows, or pairs split into a true and a false
     example when data.unpair is true). Held-out pairs stay pairs, for the preference evaluation."""
+    read = read_recipe_rows(data)
     if method in ("sft", "kto"):  # these also take rows that are not pairs
-        read = read_rows(str(data["source"]), data.get("split", "train"), data.get("config"))
         first = next((row for _, row in read if isinstance(row, dict)), None)
         if first and "chosen" not in map_columns(first, data.get("columns"), "the first row"):
             return load_completion_data(data, read, method)
-    prefs = load_preference_data(data)
+    prefs = load_preference_data(data, read)
     prefs.pairs = prefs.eval
     if method == "sft":
         prefs.train, prefs.eval = (None if d is None else d.remove_columns("rejected").rename_column("chosen", "completion")
@@ -67,18 +67,29 @@ def load_training_data(data: dict, method: str) -> PreferenceData:
 def load_completion_data(data: dict, read, method: str) -> PreferenceData:
     """Rows with a `messages` list (the last message is the reply) or prompt + completion (+ label for
     kto), in TRL's conversational prompt/completion format; there are no pairs to score."""
-    rows, seen = [], set()
+    rows, formats = completion_rows(read, data.get("columns"), method)
+    if not rows:
+        raise AppError(f"{data['source']}: the dataset is empty")
+    train, evalset = split_held_out(rows, data, lambda split: completion_rows(split, data.get("columns"), method)[0])
+    return PreferenceData(train=train, eval=evalset, source=str(data["source"]), format="+".join(sorted(formats)),
+                          rows=len(read), dropped={"duplicate": len(read) - len(rows)} if len(read) > len(rows) else {})
+
+
+def completion_rows(read, columns, method: str) -> tuple[list[dict], set]:
+    """(distinct rows in TRL's conversational prompt/completion(/label) format, formats seen)."""
+    rows, formats, seen = [], set(), set()
     for where, row in read:
-        row = map_columns(row, data.get("columns"), where)
+        row = map_columns(row, columns, where)
         if not isinstance(row, dict):
             raise AppError(f"{where}: expected an object")
         if _is_messages(row.get("messages")):
             if row["messages"][-1]["role"] != "assistant":
                 raise AppError(f"{where}: the last message is the reply to learn, so it must be the assistant's")
-            out = {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+            out, fmt = {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}, "messages"
         elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
             out = {"prompt": [{"role": "user", "content": row["prompt"]}],
                    "completion": [{"role": "assistant", "content": row["completion"]}]}
+            fmt = "completion"
         else:
             raise AppError(f"{where}: expected 'messages' (a list of role/content messages), prompt + completion, "
                            f"or prompt + chosen + rejected; it has {', '.join(map(str, row)) or 'nothing'}")
@@ -89,46 +100,43 @@ def load_completion_data(data: dict, read, method: str) -> PreferenceData:
         key = json.dumps(out, sort_keys=True)
         if key not in seen:
             seen.add(key)
+            formats.add(fmt)
             rows.append(out)
-    if data.get("max_rows"):
-        rows = rows[: int(data["max_rows"])]
-    if not rows:
-        raise AppError(f"{data['source']}: the dataset is empty")
-    import datasets
-    dataset = datasets.Dataset.from_list(rows).shuffle(seed=data.get("seed", 0))
-    n_eval = round(len(dataset) * (data.get("eval_share") or 0))
-    train, evalset = dataset.select(range(n_eval, len(dataset))), dataset.select(range(n_eval)) if n_eval else None
-    return PreferenceData(train=train, eval=evalset, source=str(data["source"]), format="messages" if "messages"
-                          in (read[0][1] if read else {}) else "completion", rows=len(read),
-                          dropped={"duplicate": len(read) - len(rows)} if len(read) > len(rows) else {})
+    return rows, formats
 
 
-def load_preference_data(data: dict) -> PreferenceData:
+def load_preference_data(data: dict, read=None) -> PreferenceData:
     """`data` is the recipe's data section: source, split, config, columns, eval_share or eval_split,
-    max_rows, seed."""
+    max_rows, seed. `read`: its rows when the caller has read them already."""
     source = str(data["source"])
-    read, rows, formats, dropped = read_preference_rows(data)
+    read, rows, formats, dropped = read_preference_rows(data, read)
     if not read:
         raise AppError(f"{source}: the dataset is empty")
     if not rows:
         reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
         raise AppError(f"{source}: no usable rows among {len(read)} ({reasons})")
+    train, evalset = split_held_out(rows, data, lambda split: normalize_rows(split, data.get("columns"))[0])
+    return PreferenceData(train=train, eval=evalset, source=source, format="+".join(sorted(formats)),
+                          rows=len(read), dropped=dict(dropped))
 
+
+def split_held_out(rows: list[dict], data: dict, normalize):
+    """(train, eval or None) as datasets: the rows shuffled by data.seed, and held out either the named
+    data.eval_split (read and passed through `normalize`, as the train rows were) or data.eval_share of them."""
     import datasets
+    source, share = str(data["source"]), data.get("eval_share") or 0
     dataset = datasets.Dataset.from_list(rows).shuffle(seed=data.get("seed", 0))
-    share, evalset = data.get("eval_share") or 0, None
     if data.get("eval_split"):  # a named held-out split (e.g. test_prefs) instead of a share
-        eval_rows, _, _ = normalize_rows(read_rows(source, data["eval_split"], data.get("config")), data.get("columns"))
+        eval_rows = normalize(read_rows(source, data["eval_split"], data.get("config")))
         if not eval_rows:
             raise AppError(f"{source}: split '{data['eval_split']}' has no usable rows")
-        evalset = datasets.Dataset.from_list(eval_rows)
-    elif share:
-        n_eval = max(1, round(len(dataset) * share))
-        if len(dataset) - n_eval < 1:
-            raise AppError(f"{source}: {len(dataset)} rows are too few to hold out {share:.0%} for evaluation")
-        dataset, evalset = dataset.select(range(n_eval, len(dataset))), dataset.select(range(n_eval))
-    return PreferenceData(train=dataset, eval=evalset, source=source, format="+".join(sorted(formats)),
-                          rows=len(read), dropped=dict(dropped))
+        return dataset, datasets.Dataset.from_list(eval_rows)
+    if not share:
+        return dataset, None
+    n_eval = max(1, round(len(dataset) * share))
+    if len(dataset) - n_eval < 1:
+        raise AppError(f"{source}: {len(dataset)} rows are too few to hold out {share:.0%} for evaluation")
+    return dataset.select(range(n_eval, len(dataset))), dataset.select(range(n_eval))
 
 
 def inspect_data(data: dict, tokenizer=None, max_length: int | None = None) -> tuple[dict, list[dict]]:
@@ -145,11 +153,15 @@ def inspect_data(data: dict, tokenizer=None, max_length: int | None = None) -> t
     return report, rows
 
 
-def read_preference_rows(data: dict):
-    """(rows read, normalized rows, formats seen, dropped counts) for the recipe's data section."""
+def read_recipe_rows(data: dict) -> list[tuple[str, dict]]:
+    """The rows of the recipe's data section as read, (where, row), the first data.max_rows of them."""
     read = read_rows(str(data["source"]), data.get("split", "train"), data.get("config"))
-    if data.get("max_rows"):
-        read = read[: int(data["max_rows"])]
+    return read[: int(data["max_rows"])] if data.get("max_rows") else read
+
+
+def read_preference_rows(data: dict, read=None):
+    """(rows read, normalized rows, formats seen, dropped counts) for the recipe's data section."""
+    read = read_recipe_rows(data) if read is None else read
     return (read, *normalize_rows(read, data.get("columns")))
 
 

@@ -48,28 +48,27 @@ def score_pairs_hf(model, pairs) -> list[list[float]]:
     return [[logp(p["prompt_ids"], p["chosen_ids"]), logp(p["prompt_ids"], p["rejected_ids"])] for p in pairs]
 
 
-def score_pairs_reward(model, pairs) -> list[list[float]]:
-    """[reward(prompt + chosen), reward(prompt + rejected)] per pair, from a sequence-classification model."""
+def reward_of(model, ids: list[int]) -> float:
+    """A sequence-classification model's one output for a token sequence: its reward."""
     import torch
 
-    def reward(prompt, reply):
-        with torch.no_grad():
-            return float(model(input_ids=torch.tensor([prompt + reply], device=model.device)).logits[0, 0])
+    with torch.no_grad():
+        return float(model(input_ids=torch.tensor([ids], device=model.device)).logits[0, 0])
 
-    return [[reward(p["prompt_ids"], p["chosen_ids"]), reward(p["prompt_ids"], p["rejected_ids"])] for p in pairs]
+
+def score_pairs_reward(model, pairs) -> list[list[float]]:
+    """[reward(prompt + chosen), reward(prompt + rejected)] per pair, from a sequence-classification model."""
+    return [[reward_of(model, p["prompt_ids"] + p["chosen_ids"]), reward_of(model, p["prompt_ids"] + p["rejected_ids"])]
+            for p in pairs]
 
 
 def score_replies(model, tokenizer, prompt: str, replies: list[str]) -> list[float]:
     """A reward model's score of each reply to one prompt, rendered through the chat template."""
-    import torch
-
-    def reward(reply):
+    def conversation(reply):
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            return float(model(input_ids=ids.to(model.device)).logits[0, 0])
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
-    return [reward(r) for r in replies]
+    return [reward_of(model, conversation(r)) for r in replies]
 
 
 def score_pairs_gguf(llm, pairs) -> list[list[float]]:

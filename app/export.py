@@ -19,6 +19,8 @@ QUANTIZED = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K
              "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
              "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # made from the f16 (or f32) file
 GGUF_TYPES = (*CONVERTED, *QUANTIZED)
+# bits per weight of each type, llama.cpp's figures rounded up (k-quants mix types across tensors): disk estimates
+GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_0": 4.6}
 CHAT_PREFERENCE = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32", "q4_0")  # for chat and Ollama
 # export.base: the untrained base as GGUF, for `compare`. Outside gguf/, which holds the run's own model:
 # smoke, chat, serve and the report read every file there as the aligned model.
@@ -103,7 +105,10 @@ def convert_base_model(base_source: str, merged: Path, out_dir: Path, log=print)
 
     if not (merged / "tokenizer_config.json").is_file():  # the base's own may lack the special-token fix
         raise AppError(f"{merged} has no tokenizer_config.json; the base GGUF takes its tokenizer from there")
-    folder = local_model_folder(base_source)
+    from app.model import local_model_folder
+    folder = local_model_folder(base_source)  # training loaded it from there
+    if folder is None:
+        raise AppError(f"the base model {base_source} is not in the local Hugging Face cache any more")
     quantization = json.loads((folder / "config.json").read_text()).get("quantization_config")
     if quantization:
         log(f"  skipped: {base_source} is stored quantized ({quantization.get('quant_method', '?')}), which "
@@ -119,17 +124,6 @@ def convert_base_model(base_source: str, merged: Path, out_dir: Path, log=print)
                 shutil.copy2(merged / name, source / name)
         made = convert_to_gguf(source, out_dir, "base", ["f16"], log)  # BASE_GGUF's name
     return made["f16"]
-
-
-def local_model_folder(source: str) -> Path:
-    """The folder of a local model, or of a hub model in the local cache (training loaded it from there)."""
-    if Path(source).is_dir():
-        return Path(source)
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(source, local_files_only=True))
-    except Exception as e:  # LocalEntryNotFoundError and kin: the files are gone from the cache
-        raise AppError(f"the base model {source} is not in the local Hugging Face cache ({e})") from None
 
 
 def check_merged_matches(model, tokenizer, merged: Path, prompts) -> dict:

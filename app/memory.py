@@ -36,7 +36,6 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-from app import ROOT
 
 GiB = 2**30
 CUDA_CONTEXT_GIB = 1.0
@@ -106,21 +105,9 @@ ARCHITECTURES = {
 
 
 def model_folder(recipe) -> Path | None:
-    """The folder holding the model's config.json without loading or downloading anything: tiny's build
-    folder, a local folder, or the model's snapshot in the Hugging Face cache; None when there is none."""
-    name = str(recipe.model["name"])
-    if name == "tiny":
-        from app.tiny import CACHE
-        return CACHE if (CACHE / "config.json").is_file() else None
-    for candidate in (Path(name), ROOT / name):
-        if candidate.is_dir():
-            return candidate.resolve()
-    if name.count("/") == 1:
-        from huggingface_hub import try_to_load_from_cache
-        cached = try_to_load_from_cache(name, "config.json")
-        if isinstance(cached, str):
-            return Path(cached).parent
-    return None
+    """The recipe's model folder on this machine, if there is one (see app.model.local_model_folder)."""
+    from app.model import local_model_folder
+    return local_model_folder(str(recipe.model["name"]))
 
 
 def architecture(recipe) -> tuple[Architecture | None, str]:

@@ -121,6 +121,24 @@ def load_options(recipe) -> dict:
             "use_safetensors": None if m.get("allow_pickle") else True}
 
 
+def local_model_folder(name: str) -> Path | None:
+    """The folder holding a model's config.json on this machine, without loading, building or downloading
+    anything: tiny's build folder, a local folder, or the model's snapshot in the Hugging Face cache; None
+    when there is none."""
+    if name == "tiny":
+        from app.tiny import CACHE
+        return CACHE if (CACHE / "config.json").is_file() else None
+    for candidate in (Path(name), ROOT / name):
+        if candidate.is_dir():
+            return candidate.resolve()
+    if name.count("/") == 1:
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(name, "config.json")
+        if isinstance(cached, str):
+            return Path(cached).parent
+    return None
+
+
 def is_cached(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)

@@ -46,8 +46,6 @@ from app.memory import (GiB, architecture, estimate_training_memory, fit_to_memo
                         training_section)
 
 REQUIREMENTS = ROOT / "requirements.txt"
-# bits per weight of each GGUF type, llama.cpp's figures rounded up (k-quants mix types across tensors)
-GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_0": 4.6}
 PROBE_TIMEOUT = 300  # seconds; a named Unsloth chat template imports Unsloth in the child (~20 s)
 CACHE = ROOT / ".cache" / "preflight"  # tokenizer and template results, by a hash of everything they depend on
 GPU_DEVICES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL
@@ -245,6 +243,7 @@ def disk_needed(recipe, arch, params: float, train_rows: int | None) -> dict:
     kept = 0 if dpo.get("save_strategy") == "no" else min(saves, limit + 1)  # a new one is written before the oldest goes
     types = list(recipe.export["gguf"])
     base = "f32" if "f32" in types else "f16"
+    from app.export import GGUF_BITS
     ggufs = sum(GGUF_BITS[t] for t in types + ([base] if base not in types else [])) / 8 * params
     return {"checkpoints": kept * lora * (4 + 4 + optimizer), "adapter": lora * 8, "merged": 2 * params,
             "gguf": ggufs}

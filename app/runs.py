@@ -3,6 +3,7 @@
 A run is complete when its manifest.json exists (written last, naming every file with size and sha256);
 exports/latest moves to a run only after its smoke test passes.
 """
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -103,6 +104,19 @@ def discard_manifest(run: Path) -> bool:
     had = path.is_file()
     path.unlink(missing_ok=True)
     return had
+
+
+@contextlib.contextmanager
+def rewriting_finished_run(run: Path):
+    """For commands that add or rewrite files of a run after its export (report, compare): the manifest
+    goes first, so a rewrite cut short never leaves one naming files that changed, and is written again
+    at the end, naming the new files too. A run without a manifest (not finished) stays without one."""
+    had_manifest = discard_manifest(run)
+    try:
+        yield
+    finally:
+        if had_manifest:
+            write_manifest(run)
 
 
 def verify_run(run: Path) -> list[str]:

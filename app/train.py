@@ -86,12 +86,10 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     with unsloth_inference(model) if causal else _no_grad():
         after = generate_replies(model, tokenizer, probes)
         trained_scores = score(model, pairs)
-    if causal:
-        preference = {"base": summarize_scores(base_scores),
-                      "trained": summarize_scores(trained_scores, base_scores, beta), "left_out_too_long": too_long}
-    else:  # a reward model's scores are rewards already: accuracy = chosen scored above rejected
-        preference = {"base": summarize_scores(base_scores), "trained": summarize_scores(trained_scores),
-                      "left_out_too_long": too_long}
+    # DPO's implicit reward is measured against the base's log-probs; a reward model's scores are rewards already
+    preference = {"base": summarize_scores(base_scores),
+                  "trained": summarize_scores(trained_scores, base_scores if causal else None, beta),
+                  "left_out_too_long": too_long}
     write_json(run / "preference_eval.json", {**preference, "beta": beta, "method": method, "pairs": [
         {**p, "base": b, "trained": t} for p, b, t in zip(pairs, base_scores, trained_scores)]})
 
