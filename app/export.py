@@ -1,8 +1,14 @@
 """The export stage: LoRA adapter -> merged 16-bit weights -> GGUF files, all without network.
 
-Merging is Unsloth's (`save_pretrained_merged`); conversion is llama.cpp's own convert_hf_to_gguf.py of
-the runtime's release (see llamacpp.py); quantization is llama.cpp's, through llama-cpp-python's
-`llama_model_quantize`. The merged model is checked against the trained one before any GGUF is made.
+The merge is made from the trained model itself, one tensor at a time: each LoRA layer's base weight is
+dequantized as training saw it (bitsandbytes through PEFT's `dequantize_module_weight`; a 16-bit base as
+it is), PEFT's `get_delta_weight` is added in float32, and the sum is rounded once to the base's own
+16-bit dtype and written shard by shard. Unsloth's `save_pretrained_merged` is not used: on a 4-bit model
+it downloads the original 16-bit weights and merges onto those, which is not the model that was trained
+(and needs the network), and its CPU backend refuses 4-bit bases. Host memory stays at about one shard.
+The merged file is then checked, weight by weight, against an exact float32 merge. Conversion is
+llama.cpp's own convert_hf_to_gguf.py of the runtime's release (see llamacpp.py); quantization is
+llama.cpp's, through llama-cpp-python's `llama_model_quantize`.
 """
 import json
 import shutil
@@ -27,18 +33,20 @@ CHAT_PREFERENCE = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32", "q4
 BASE_GGUF = Path("base-gguf") / "base-f16.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
-MERGE_TOLERANCE = 0.25  # merged-vs-trained logit error, as a share of the adapter's effect on the logits
-ROUNDING_FLOOR = 0.01   # ... or as a share of the largest logit: 16-bit rounding alone (bf16 keeps ~0.4%)
+SHARD_BYTES = 2 * 2**30  # merged safetensors shards: what the merge holds in host memory at once
+# a merged weight may differ from the exact float32 merge by at most this many units in the last place of
+# its 16-bit dtype (see weight_error): rounding gives at most 0.5; a lost or mis-scaled adapter its own size
+MERGE_ULPS = 1.0
 
 
 def export_run(run: Path, recipe, model, tokenizer, base_source: str, log=print) -> dict:
     """The stage: merged/ and gguf/ in the run folder, then the manifest. Returns the merge check."""
     discard_manifest(run)  # files are rewritten from here on: the run is incomplete until the manifest is back
-    log("export: merging the adapter into 16-bit weights")
-    merge_adapter(model, tokenizer, run / "merged", base_source)
-    merge = check_merged_matches(model, tokenizer, run / "merged", recipe.export["probes"])
-    log(f"  merged model matches the trained one: max logit difference {merge['max_logit_error']:.4f}, "
-        f"{merge['ratio']:.1%} of the adapter's effect ({merge['adapter_effect']:.3f})")
+    dtype = merged_dtype(base_source)
+    log(f"export: merging the adapter into {dtype} weights (the base as trained, dequantized if it was 4-bit)")
+    merge_adapter(model, tokenizer, run / "merged", base_source, dtype)
+    merge = check_merged_weights(model, run / "merged")
+    log(f"  {merge['summary']}")
     log(f"export: GGUF {', '.join(recipe.export['gguf'])} with llama.cpp's converter")
     made = convert_to_gguf(run / "merged", run / "gguf", recipe.name, recipe.export["gguf"], log)
     if recipe.export.get("base"):
@@ -54,12 +62,79 @@ def export_run(run: Path, recipe, model, tokenizer, base_source: str, log=print)
     return merge
 
 
-def merge_adapter(model, tokenizer, out: Path, base_source: str):
-    """Merged 16-bit safetensors with tokenizer and chat template, via Unsloth."""
+def merged_dtype(base_source: str):
+    """The base's own 16-bit dtype, from its config.json (a bitsandbytes checkpoint keeps the original's);
+    bfloat16 for a float32 base, or when the config does not say."""
+    import torch
+
+    from app.model import local_model_folder
+    folder = local_model_folder(base_source)
+    config = json.loads((folder / "config.json").read_text()) if folder else {}
+    return torch.float16 if (config.get("dtype") or config.get("torch_dtype")) == "float16" else torch.bfloat16
+
+
+def trained_tensors(model, exact: bool = False):
+    """(name, base, delta) in float32 for every weight of the trained model as one plain model, in
+    checkpoint names; the trained weight is base + delta (delta None where there is no adapter).
+
+    A LoRA layer's base is its weight as the forward pass sees it (a 4-bit one dequantized); its delta is
+    PEFT's own `get_delta_weight`, or with `exact` lora_B @ lora_A * scaling computed here, independently,
+    for the check. Tied weights appear once."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
+
+    inner = model.get_base_model()
+    layers = {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
+    for pname, param in inner.named_parameters():
+        owner, _, leaf = pname.rpartition(".")
+        if ".lora_" in pname or ".modules_to_save." in pname:
+            continue
+        name = owner.removesuffix(".base_layer")
+        if name in layers and leaf == "weight":
+            layer = layers[name]
+            delta = 0.0
+            for adapter in layer.active_adapters:
+                if exact:
+                    a, b = layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float()
+                    delta = delta + (b @ a) * layer.scaling[adapter]
+                else:
+                    delta = delta + layer.get_delta_weight(adapter).float()
+            yield f"{name}.weight", dequantize_module_weight(layer.get_base_layer()).float(), delta
+        elif type(param).__name__ == "Params4bit":  # a quantized layer without LoRA
+            yield f"{name}.{leaf}", dequantize_module_weight(inner.get_submodule(owner)).float(), None
+        else:
+            yield f"{name}.{leaf}", param.detach().float(), None
+
+
+def merge_adapter(model, tokenizer, out: Path, base_source: str, dtype):
+    """merged/: safetensors shards of the trained weights rounded once to `dtype`, with config (its
+    quantization removed), generation config and tokenizer. Written under a temporary name."""
+    import copy
+
+    from safetensors.torch import save_file
+
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
-        model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
+        shards, shard, size = [], {}, 0
+        for name, base, delta in trained_tensors(model):
+            shard[name] = (base if delta is None else base + delta).to(dtype).cpu().contiguous()
+            size += shard[name].nbytes
+            if size >= SHARD_BYTES:
+                shards.append(_write_shard(tmp, len(shards), shard, save_file))
+                shard, size = {}, 0
+        if shard or not shards:
+            shards.append(_write_shard(tmp, len(shards), shard, save_file))
+        _name_shards(tmp, shards)
+        config = copy.deepcopy(model.get_base_model().config)
+        for key in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, key):
+                delattr(config, key)
+        config.dtype = dtype
+        config.save_pretrained(str(tmp))
+        model.get_base_model().generation_config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
     except Exception as e:  # safetensors words a full disk as its own error type, not OSError
         shutil.rmtree(tmp, ignore_errors=True)
         if disk_full(e):
@@ -69,6 +144,27 @@ def merge_adapter(model, tokenizer, out: Path, base_source: str):
     prepare_tokenizer_for_converter(tmp, base_source)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+
+
+def _write_shard(folder: Path, index: int, tensors: dict, save_file) -> tuple[Path, list]:
+    path = folder / f"shard-{index}.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, list(tensors)
+
+
+def _name_shards(folder: Path, shards):
+    """Transformers' names: model.safetensors, or model-0000i-of-0000n.safetensors with an index."""
+    if len(shards) == 1:
+        shards[0][0].rename(folder / "model.safetensors")
+        return
+    weight_map, total = {}, 0
+    for i, (path, names) in enumerate(shards, 1):
+        final = folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        total += path.stat().st_size
+        path.rename(final)
+        weight_map.update({n: final.name for n in names})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 def prepare_tokenizer_for_converter(model_dir: Path, base_source: str):
@@ -126,37 +222,73 @@ def convert_base_model(base_source: str, merged: Path, out_dir: Path, log=print)
     return made["f16"]
 
 
-def check_merged_matches(model, tokenizer, merged: Path, prompts) -> dict:
-    """Compare the merged weights on disk with the trained model (base + LoRA) on the probe prompts.
+def check_merged_weights(model, merged: Path) -> dict:
+    """Every tensor of merged/ against the exact float32 merge of the trained model (trained_tensors with
+    exact=True), one tensor at a time, so it costs no second copy of the model. AppError when the verdict
+    fails; else the measures and a one-line summary."""
+    import torch
+    from safetensors import safe_open
 
-    The merged model is 16-bit, so it never equals the trained one exactly; what matters is that the
-    difference is small next to what the adapter changed. A merge that lost or mis-scaled the LoRA
-    differs by about the adapter's whole effect (ratio ~1); rounding to 16 bits gives a ratio near 0.
-    After very few steps the adapter's effect is itself rounding-sized, so an error within ROUNDING_FLOOR
-    of the logits' scale passes too (a lost adapter that changed almost nothing costs almost nothing)."""
+    files = sorted(merged.glob("*.safetensors"))
+    where = {name: f for f in files for name in safe_open(str(f), "pt").keys()}
+    stats, seen = [], set()
+    for name, base, delta in trained_tensors(model, exact=True):
+        if name not in where:
+            stats.append({"name": name, "missing": True})
+            continue
+        with safe_open(str(where[name]), "pt", device=str(base.device)) as f:
+            saved = f.get_tensor(name)
+        stats.append(weight_error(name, saved, base, delta))
+        seen.add(name)
+    stats += [{"name": n, "unexpected": True} for n in where if n not in seen]
+    verdict = merge_verdict(stats)
+    if not verdict["passed"]:
+        raise AppError(f"the merged weights are not the trained model: {verdict['reason']}; the export stops here")
+    return verdict
+
+
+def weight_error(name: str, saved, base, delta) -> dict:
+    """How far a saved 16-bit tensor is from the exact float32 merge base + delta, in units of its dtype's
+    spacing (ulp) at the merged value plus the spacing at the delta: PEFT rounds the delta to the adapter's
+    dtype before it is added, and where base and delta nearly cancel that rounding is all that is left.
+    Also how many of the tensor's 16-bit values the adapter changed at all."""
     import torch
 
-    merged_model = load_reference_model(merged)
-    error = effect = scale = 0.0
-    model.eval()
-    for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
-        with torch.no_grad():
-            trained = model(input_ids=ids).logits.float()
-            with model.disable_adapter():
-                base = model(input_ids=ids).logits.float()
-            merged_logits = merged_model(input_ids=ids.to(merged_model.device)).logits.float().to(trained.device)
-            error = max(error, (trained - merged_logits).abs().max().item())
-            effect = max(effect, (trained - base).abs().max().item())
-            scale = max(scale, trained.abs().max().item())
-    del merged_model
-    ratio = error / max(effect, 1e-6)
-    if ratio > MERGE_TOLERANCE and error > ROUNDING_FLOOR * scale:
-        raise AppError(f"the merged model differs from the trained one: max logit difference {error:.4f} is "
-                       f"{ratio:.0%} of the adapter's own effect ({effect:.4f}), over {MERGE_TOLERANCE:.0%}; "
-                       f"the export stops here")
-    return {"max_logit_error": error, "adapter_effect": effect, "ratio": ratio}
+    def spacing(x):  # of the 16-bit numbers at |x|
+        x = x.to(saved.dtype).float().abs()
+        return torch.clamp(torch.exp2(torch.floor(torch.log2(x))) * finfo.eps, min=float(finfo.tiny) * finfo.eps)
+
+    finfo = torch.finfo(saved.dtype)
+    exact = base if delta is None else base + delta
+    if tuple(saved.shape) != tuple(exact.shape):
+        return {"name": name, "max_ulps": float("inf"), "numel": exact.numel(), "changed": 0, "shape_ok": False}
+    allowed = spacing(exact) + (0 if delta is None else spacing(delta))
+    error = ((saved.float() - exact).abs() / allowed).max().item() if exact.numel() else 0.0
+    changed = 0 if delta is None else int((exact.to(saved.dtype) != base.to(saved.dtype)).sum())
+    return {"name": name, "max_ulps": error, "numel": exact.numel(), "changed": changed, "shape_ok": True}
+
+
+def merge_verdict(stats: list[dict], max_ulps: float = MERGE_ULPS) -> dict:
+    """Pure: the merged weights pass when every tensor of the trained model is there, with its shape, and
+    within `max_ulps` of the exact merge. Rounding once to 16 bits gives at most 0.5 ulp however few the
+    steps; a lost or mis-scaled adapter misses by its own size wherever that exceeds rounding. (An adapter
+    below rounding everywhere leaves the 16-bit weights as the base's: `changed` is then 0, said, not failed.)"""
+    problems = [f"{s['name']} is missing" for s in stats if s.get("missing")]
+    problems += [f"{s['name']} is not in the trained model" for s in stats if s.get("unexpected")]
+    measured = [s for s in stats if "max_ulps" in s]
+    problems += [f"{s['name']} has the wrong shape" for s in measured if not s["shape_ok"]]
+    worst = max(measured, key=lambda s: s["max_ulps"], default={"name": "-", "max_ulps": 0.0})
+    bad = [s for s in measured if s["max_ulps"] > max_ulps]
+    if bad and worst["shape_ok"]:
+        problems.append(f"{len(bad)} of {len(measured)} tensors differ from the exact merge by more than "
+                        f"rounding (worst {worst['name']}: {worst['max_ulps']:.1f} ulp > {max_ulps})")
+    changed = sum(s.get("changed", 0) for s in measured)
+    share = changed / max(1, sum(s["numel"] for s in measured))
+    return {"passed": not problems, "reason": "; ".join(problems[:3]), "tensors": len(measured),
+            "max_ulps": round(worst["max_ulps"], 3), "worst": worst["name"], "changed_share": round(share, 6),
+            "summary": f"merged weights are the exact merge rounded once: {len(measured)} tensors within "
+                       f"{worst['max_ulps']:.2f} ulp; the adapter changed {share:.2%} of the 16-bit weights"
+                       + (" (it is below 16-bit rounding: the merged model is the base)" if not changed else "")}
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -167,11 +299,11 @@ def eos_ids(model, tokenizer) -> list[int]:
 
 
 def load_reference_model(model_dir: Path):
-    """A saved model in float32 for exact comparisons. device_map="auto" puts what fits on the GPU and the
-    rest in CPU memory, so an 8B check after training does not run out of GPU memory (it is slower)."""
-    import torch
+    """A saved (merged) model at its own 16-bit dtype: no float32 copy of a big model. device_map="auto"
+    puts what fits on the GPU and the rest in CPU memory, so an 8B check after training does not run out
+    of GPU memory (it is slower)."""
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, device_map="auto").eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", device_map="auto").eval()
 
 
 def convert_to_gguf(merged: Path, out_dir: Path, stem: str, types, log=print) -> dict:

@@ -9,12 +9,21 @@ No hub is reachable on CI, so `tiny` is made here, deterministically, from recip
    no preference yet. This is building the base model (like pre-training), not the alignment step: a
    plain PyTorch loop, deterministic and dependency-free. Alignment goes through Unsloth + TRL.
 The result is cached in .cache/tiny-model/ under a fingerprint of the corpus and the settings below.
+
+The same weights on every x86-64 machine: training is chaotic, so one rounding difference in the warm-up
+(MKL and ATen pick kernels by CPU: AVX-512 on one machine, AVX2 on another; reductions split by thread
+count) grows into another model, with other replies and other test margins. The build therefore runs in
+a child process pinned to generic kernels and one thread (PINNED_ENV), which makes it a pure function of
+the corpus and the settings. `weights_digest` is logged so two machines can compare builds.
 """
 import hashlib
 import io
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +32,9 @@ from app import ROOT
 CORPUS = ROOT / "recipes" / "data" / "tiny_corpus.txt"
 CACHE = ROOT / ".cache" / "tiny-model"
 
+# MKL's conditional numerical reproducibility and ATen's generic (non-AVX) kernels, one thread
+PINNED_ENV = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+              "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONHASHSEED": "0"}
 SETTINGS = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 warmup_steps=400, batch_size=16, lr=3e-3, seed=0)
@@ -51,10 +63,20 @@ def ensure_tiny_model(log=print) -> Path:
     stamp = CACHE / "fingerprint.txt"
     if stamp.exists() and stamp.read_text() == fingerprint():
         return CACHE
-    log(f"building the tiny model in {CACHE} (once; about two minutes on 2 CPU cores)")
+    log(f"building the tiny model in {CACHE} (once; about two minutes)")
     tmp = CACHE.with_name(CACHE.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_model(tmp, log)
+    # a child process, so the pinned numerics apply from torch's first import and the caller's threads stay
+    env = {**os.environ, **PINNED_ENV}
+    output = []
+    with subprocess.Popen([sys.executable, "-m", "app.tiny", str(tmp)], env=env, cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        for line in proc.stdout:
+            output.append(line)
+            if line.startswith("  tiny "):
+                log(line.rstrip())
+    if proc.returncode != 0:
+        raise RuntimeError("building the tiny model failed:\n" + "".join(output[-40:]))
     (tmp / "fingerprint.txt").write_text(fingerprint())
     shutil.rmtree(CACHE, ignore_errors=True)
     tmp.rename(CACHE)
@@ -95,10 +117,23 @@ def train_tokenizer(out: Path, texts):
     return tokenizer
 
 
+def weights_digest(folder: Path) -> str:
+    """sha256 of the saved tensors' values (not the file, whose header may vary), to compare builds."""
+    from safetensors.numpy import load_file
+    h = hashlib.sha256()
+    for name, array in sorted(load_file(str(folder / "model.safetensors")).items()):
+        h.update(name.encode())
+        h.update(array.tobytes())
+    return h.hexdigest()[:16]
+
+
 def build_tiny_model(out: Path, log=print):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.mkldnn.enabled = False  # matmuls go to MKL, under MKL_CBWR
     torch.manual_seed(SETTINGS["seed"])
     prose, dialogues = read_corpus()
     tokenizer = train_tokenizer(out, prose + [t for qa in dialogues for t in qa])
@@ -137,8 +172,10 @@ def build_tiny_model(out: Path, log=print):
             log(f"  tiny warm-up step {step:4d}/{steps} | loss {loss.item():.3f} | {time.time() - t0:.0f}s")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(out))
+    log(f"  tiny weights digest {weights_digest(out)} (the same on every machine; torch capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread)")
     return out
 
 
-if __name__ == "__main__":
-    print(ensure_tiny_model())
+if __name__ == "__main__":  # python -m app.tiny OUT: the pinned build (ensure_tiny_model runs it)
+    build_tiny_model(Path(sys.argv[1]))

@@ -131,16 +131,23 @@ class MetricsLog(TrainerCallback):
     def __init__(self, path: Path, method: str = "dpo"):
         self.path, self.method = path, method
         self.bar, self.bad_step, self.bad_value = None, None, None
-        self.last_time, self.last_tokens, self.start = None, 0, None
+        self.last_tokens, self.start = 0, None
+        # seconds spent in training steps only: evaluation and checkpoints between logs are not counted
+        self.step_seconds, self.step_began, self.last_step_seconds = 0.0, None, 0.0
 
     def on_train_begin(self, args, state, control, **kw):
         from tqdm.auto import tqdm
-        self.start = self.last_time = time.time()
+        self.start = time.time()
         self.last_tokens = state.num_input_tokens_seen  # not 0 when resuming from a checkpoint
         self.bar = tqdm(total=state.max_steps, desc=self.method, unit="step", file=sys.stderr,
                         disable=not sys.stderr.isatty(), leave=False)
 
+    def on_step_begin(self, args, state, control, **kw):
+        self.step_began = time.time()
+
     def on_step_end(self, args, state, control, **kw):
+        if self.step_began is not None:
+            self.step_seconds += time.time() - self.step_began
         if self.bar:
             self.bar.update(state.global_step - self.bar.n)
 
@@ -149,9 +156,10 @@ class MetricsLog(TrainerCallback):
         now = time.time()
         tokens = state.num_input_tokens_seen
         if "loss" in logs:
-            logs["tokens_per_second"] = round((tokens - self.last_tokens) / max(now - self.last_time, 1e-9), 1)
+            seconds = self.step_seconds - self.last_step_seconds
+            logs["tokens_per_second"] = round((tokens - self.last_tokens) / max(seconds, 1e-9), 1)
             logs["peak_memory_gb"] = peak_memory_gb()
-            self.last_time, self.last_tokens = now, tokens
+            self.last_step_seconds, self.last_tokens = self.step_seconds, tokens
             if not math.isfinite(logs["loss"]):
                 self.bad_step, self.bad_value = state.global_step, logs["loss"]
                 control.should_training_stop = True

@@ -35,16 +35,14 @@ def new_runs():
         latest.symlink_to(old_latest)
 
 
-def losses(run):
-    return [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
-
-
 @pytest.mark.parametrize("method", ["sft", "orpo", "kto"])
 def test_each_method_lowers_its_loss_and_its_gguf_passes_smoke(method, new_runs):
     assert main([method, "tiny", "--set", f"{method}.max_steps={STEPS}", "--set", "export.gguf=[f16]"]) == 0
     (run,) = new_runs(f"tiny-{method}-")
-    first, *_, last = losses(run)
-    assert last < first, f"{method} loss did not fall: {first} -> {last}"
+    # the held-out loss, on the same examples before and after: a training loss over 20 steps follows its
+    # batches (KTO's rose 0.498 -> 0.511 on one machine while every held-out measure improved)
+    evals = [r["eval_loss"] for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r]
+    assert len(evals) >= 2 and evals[-1] < evals[0], f"{method} held-out loss did not fall: {evals}"
     train = json.loads((run / "train.json").read_text())
     assert train["method"] == method and train["steps"] == STEPS
     base, trained = train["preference"]["base"], train["preference"]["trained"]

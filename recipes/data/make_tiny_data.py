@@ -73,7 +73,11 @@ TOPICS = [
 
 PAIR_QUESTIONS = ["What is {t}?", "Tell me about {t}.", "Can you explain {t}?",
                   "I want to learn about {t}.", "What do you know about {t}?", "Please describe {t}."]
-WARMUP_QUESTIONS = ["Say something about {t}.", "Do you know about {t}?", "Talk to me about {t}."]
+# other wordings than PAIR_QUESTIONS, but enough of them that the warm-up learns to answer the topic
+# whatever the wording: then DPO changes the manner, not the content (held-out prompts stay unseen verbatim)
+WARMUP_QUESTIONS = ["Say something about {t}.", "Do you know about {t}?", "Talk to me about {t}.",
+                    "Explain {t} to me.", "What can you tell me about {t}?", "Describe {t}, please.",
+                    "I have a question about {t}.", "Could you tell me what {t} is?"]
 
 OPENERS = ["Sure!", "Of course!", "Happy to help!", "Good question!"]
 CLOSERS = ["I hope this helps.", "Let me know if you want to know more.", "Thanks for asking."]
@@ -107,6 +111,8 @@ def main():
         lines += [f1, f2, f"{f1} {f2}"]
     for i, (t, f1, f2) in enumerate(TOPICS * 2):
         for j, q in enumerate(WARMUP_QUESTIONS):
+            # alternating styles: no preference to start from. (One in three polite was tried: DPO from that
+            # mostly-curt base wrecked the replies' text; this base answers every probe topic before and after)
             answer = polite(rng, t, f1, f2) if (i + j) % 2 else rude(rng, t)
             lines.append(TEMPLATE_TURN.format(q=q.format(t=t), a=answer).replace("\n", "\\n"))
     rng.shuffle(lines)

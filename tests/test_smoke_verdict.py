@@ -1,0 +1,48 @@
+"""The smoke verdict is a pure function of measures: a correct GGUF passes, a broken one fails, and a
+16-bit file may disagree with the reference only where the reference's top-2 gap is within the measured
+error. No GGUF is opened here: the measures are written out as the smoke stage records them."""
+from app.smoke import smoke_verdict
+
+
+def measures(**changes):
+    m = {"metadata": {"architecture": "llama", "eos_token_id": 2, "has_chat_template": True},
+         "tokenizer_eos_id": 2, "prompt_mismatch": None,
+         "probes": [{"prompt_tokens": 12, "hf_reply_tokens": 20, "matching_lead": 20, "chat_finish_reason": "stop"}],
+         "max_abs_logit_diff": 0.1, "logit_scale": 20.0, "top1_agreement": 1.0, "decisive_top1": 1.0,
+         "greedy_lead_share": 1.0,
+         "preference": {"agreement": 1.0, "agreement_beyond_ties": 1.0}}
+    m.update(changes)
+    return m
+
+
+def test_a_faithful_16_bit_file_passes_and_near_ties_are_excused():
+    assert smoke_verdict("f16", measures()) == []
+    # 128k vocabularies: 99.5% raw top-1, every disagreement at a near-tie (gap <= 2 x measured error)
+    assert smoke_verdict("f16", measures(top1_agreement=0.995, decisive_top1=1.0)) == []
+    tie = [{"prompt_tokens": 12, "hf_reply_tokens": 20, "matching_lead": 7, "gap_at_divergence": 0.15,
+            "chat_finish_reason": "stop"}]
+    assert smoke_verdict("bf16", measures(probes=tie)) == []
+    # the held-out pair ranking may flip only at rounding-sized margins
+    assert smoke_verdict("f16", measures(preference={"agreement": 0.97, "agreement_beyond_ties": 1.0})) == []
+
+
+def test_a_broken_16_bit_file_fails():
+    assert any("decisive" in p for p in smoke_verdict("f16", measures(top1_agreement=0.99, decisive_top1=0.99)))
+    diverges = [{"prompt_tokens": 12, "hf_reply_tokens": 20, "matching_lead": 7, "gap_at_divergence": 1.5,
+                 "chat_finish_reason": "stop"}]
+    assert any("without a tie" in p for p in smoke_verdict("f16", measures(probes=diverges)))
+    # a large logit error must not excuse everything: it fails by itself, relative to the logits' scale
+    assert any("max logit difference" in p for p in smoke_verdict("f16", measures(max_abs_logit_diff=0.5)))
+    assert any("did not stop" in p for p in smoke_verdict("f16", measures(probes=[
+        {"prompt_tokens": 12, "hf_reply_tokens": 20, "matching_lead": 20, "chat_finish_reason": "length"}])))
+    assert any("prompt ids" in p for p in smoke_verdict("f16", measures(prompt_mismatch=(13, 12))))
+    assert any("EOS id" in p for p in smoke_verdict("f16", measures(tokenizer_eos_id=3)))
+    assert any("held-out pairs" in p for p in smoke_verdict(
+        "f16", measures(preference={"agreement": 0.9, "agreement_beyond_ties": 0.93})))
+
+
+def test_quantized_files_are_held_to_their_own_thresholds():
+    assert smoke_verdict("q4_k_m", measures(max_abs_logit_diff=1.7, top1_agreement=0.96, decisive_top1=0.9,
+                                            greedy_lead_share=0.5)) == []
+    assert any("top-1 agreement" in p for p in smoke_verdict("q4_k_m", measures(top1_agreement=0.5)))
+    assert any("leading tokens" in p for p in smoke_verdict("q8_0", measures(greedy_lead_share=0.2)))
