@@ -35,17 +35,34 @@ def held_out_pairs(rows, tokenizer, max_pairs: int, max_length: int | None) -> t
     return pairs, too_long
 
 
+LOGITS_BYTES = 2**29  # a scoring batch's float32 logits stay under this: 512 MiB (1 sequence of 1,000 at 128k vocab)
+
+
 def score_pairs_hf(model, pairs) -> list[list[float]]:
-    """[log p(chosen | prompt), log p(rejected | prompt)] per pair, from a transformers model."""
+    """[log p(chosen | prompt), log p(rejected | prompt)] per pair, from a transformers model, in batches of
+    right-padded sequences (padding after a sequence cannot change its causal logits) sized so that the
+    logits fit LOGITS_BYTES."""
     import torch
 
-    def logp(prompt, reply):
-        ids = torch.tensor([prompt + reply], device=model.device)
+    seqs = [(p["prompt_ids"], p[side]) for p in pairs for side in ("chosen_ids", "rejected_ids")]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    width = max((len(a) + len(b) for a, b in seqs), default=1)
+    per_batch = max(1, LOGITS_BYTES // (4 * vocab * width))
+    scores = []
+    for start in range(0, len(seqs), per_batch):
+        batch = seqs[start:start + per_batch]
+        longest = max(len(a) + len(b) for a, b in batch)
+        ids = torch.zeros((len(batch), longest), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, (prompt, reply) in enumerate(batch):
+            ids[row, :len(prompt) + len(reply)] = torch.tensor(prompt + reply)
+            mask[row, :len(prompt) + len(reply)] = 1
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
-        return float(logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None]).sum())
-
-    return [[logp(p["prompt_ids"], p["chosen_ids"]), logp(p["prompt_ids"], p["rejected_ids"])] for p in pairs]
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+        for row, (prompt, reply) in enumerate(batch):
+            step = logits[row, len(prompt) - 1:len(prompt) + len(reply) - 1].float().log_softmax(-1)
+            scores.append(float(step.gather(-1, torch.tensor(reply, device=step.device)[:, None]).sum()))
+    return [scores[i:i + 2] for i in range(0, len(scores), 2)]
 
 
 def reward_of(model, ids: list[int]) -> float:

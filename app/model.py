@@ -61,8 +61,11 @@ def check_model_files(recipe):
     elif name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an org/name hub id
         raise AppError(f"model folder {name} does not exist (model.name is a hub id like org/name, a local "
                        f"folder, or 'tiny')")
-    elif is_cached(name) and not recipe.model.get("allow_pickle"):
-        check_cached_weights(name)
+    elif is_cached(name):
+        from huggingface_hub import try_to_load_from_cache
+        check_quantization(json.loads(Path(try_to_load_from_cache(name, "config.json")).read_text()), name)
+        if not recipe.model.get("allow_pickle"):
+            check_cached_weights(name)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -87,6 +90,7 @@ def check_model_folder(folder: Path, recipe):
                        f"where they came from")
     if not safe and not pickled:
         raise AppError(f"model folder {name} has no weights (no *.safetensors file)")
+    check_quantization(json.loads((folder / "config.json").read_text()), name)
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise AppError(f"model folder {name} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     config = folder / "tokenizer_config.json"
@@ -95,6 +99,19 @@ def check_model_folder(folder: Path, recipe):
     if not has_template and not recipe.model.get("chat_template"):
         raise AppError(f"model folder {name}: its tokenizer has no chat template; set model.chat_template "
                        f"(e.g. llama-3, chatml, mistral, gemma, phi-3)")
+
+
+DEQUANTIZABLE = ("bitsandbytes",)  # what export can turn back into 16-bit weights to merge onto
+
+
+def check_quantization(config: dict, name: str):
+    """A checkpoint stored quantized by a method export cannot dequantize (GPTQ, AWQ, ...) is refused before
+    training: its merged 16-bit export would be impossible, found out only at the end of the run."""
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method and method not in DEQUANTIZABLE:
+        raise AppError(f"model {name} is stored quantized with {method}, which this app cannot dequantize to "
+                       f"merge the adapter into 16-bit weights; use its 16-bit original or a bitsandbytes "
+                       f"4-bit checkpoint (load_in_4bit: true quantizes a 16-bit one on load)")
 
 
 def check_cached_weights(repo_id: str):

@@ -81,6 +81,7 @@ def run_preflight(recipe, *, requirements: Path = REQUIREMENTS, llamacpp_home: P
         text, train_rows = check_data(recipe)
         ok(text)
         ok(check_disk(recipe, arch, train_rows))
+        ok(check_evaluation_cost(recipe, train_rows))
         result = {**SKIPPED, **(probe.result() if probe else {}), **(cached or {})}
         if check_tokenizer and key:
             write_cached(cache, key, {k: result[k] for k in ("tokenizer", "template")})
@@ -230,7 +231,8 @@ def check_data(recipe) -> tuple[str, int | None]:
 def disk_needed(recipe, arch, params: float, train_rows: int | None) -> dict:
     """Bytes a run writes into exports/: kept checkpoints (adapter, TRL's reference adapter copy, optimizer
     state), the final adapter, the merged 16-bit weights and every GGUF, plus the converter's base file
-    when it is not one of them (made, quantized from, then deleted)."""
+    when it is not one of them (made, quantized from, then deleted), and the base model's f16 GGUF when
+    export.base asks for it."""
     dpo = training_section(recipe)
     lora = arch.lora_params(recipe.lora["r"], recipe.lora["target_modules"]) if arch else 0
     optimizer = 2 if "8bit" in str(dpo.get("optim", "")) else 8
@@ -246,7 +248,7 @@ def disk_needed(recipe, arch, params: float, train_rows: int | None) -> dict:
     from app.export import GGUF_BITS
     ggufs = sum(GGUF_BITS[t] for t in types + ([base] if base not in types else [])) / 8 * params
     return {"checkpoints": kept * lora * (4 + 4 + optimizer), "adapter": lora * 8, "merged": 2 * params,
-            "gguf": ggufs}
+            "gguf": ggufs, "base gguf": 2 * params if recipe.export.get("base") else 0}
 
 
 def check_disk(recipe, arch, train_rows: int | None) -> str:
@@ -266,6 +268,34 @@ def check_disk(recipe, arch, train_rows: int | None) -> str:
                        f"{total / GiB:.1f} GiB ({parts}); fix: free some space (old runs in exports/) or ask for "
                        f"fewer export.gguf types")
     return f"disk: {free / GiB:.1f} GiB free in exports/, the run writes about {total / GiB:.2f} GiB ({parts})"
+
+
+def evaluation_tokens(recipe, train_rows: int | None) -> dict:
+    """Upper bounds of the tokens each stage processes, from max_length: training (chosen and rejected of
+    every example, steps x effective batch), held-out evaluation (every pair before and after training) and
+    smoke (the merged reference and each GGUF score every pair, plus the probes)."""
+    section = training_section(recipe)
+    length = section.get("max_length") or 1024
+    batch = (section.get("per_device_train_batch_size") or 8) * (section.get("gradient_accumulation_steps") or 1)
+    steps = section.get("max_steps") or 0
+    if steps <= 0:
+        steps = round(section.get("num_train_epochs", 3) * -(-(train_rows or 0) // batch))
+    share = recipe.data["eval_share"]  # of all rows; train_rows is the rest
+    pairs = min(recipe.data["eval_pairs"], max(1, round((train_rows or 0) * share / (1 - share))))
+    pair = 2 * length  # chosen and rejected, prompt included
+    probes = len(recipe.export["probes"]) * 2 * 48  # prompt + reply twice, replies up to smoke's 48 tokens
+    return {"train": steps * batch * pair, "evaluate": 2 * pairs * pair,
+            "smoke": (1 + len(recipe.export["gguf"])) * (pairs * pair + probes), "pairs": pairs}
+
+
+def check_evaluation_cost(recipe, train_rows: int | None) -> str:
+    """Held-out evaluation and smoke next to training, in compute: a forward token costs ~2 FLOPs per
+    parameter, a DPO training token ~8 (policy forward and backward, reference forward)."""
+    t = evaluation_tokens(recipe, train_rows)
+    share = (t["evaluate"] + t["smoke"]) * 2 / max(1, t["train"] * 8)
+    return (f"evaluation and smoke: at most {t['evaluate']:,} + {t['smoke']:,} tokens of forward passes "
+            f"({t['pairs']} held-out pairs; data.eval_pairs sets it) against {t['train']:,} training tokens: "
+            f"about {share:.0%} of the training's compute, so expect them to take about that share of its time")
 
 
 def check_gpu_memory(recipe, arch, arch_source: str, cuda: dict | str | None) -> str:

@@ -122,6 +122,7 @@ CASES = {
                                                          "which can run code when loaded"),
     "model: no chat template": (model("no_chat_template"), "no_chat_template: its tokenizer has no chat template; "
                                                            "set model.chat_template"),
+    "model: GPTQ checkpoint": (model("gptq"), "is stored quantized with gptq, which this app cannot dequantize"),
     "model: folder missing": (model("nowhere"), "model folder tests/bad_inputs/models/nowhere does not exist"),
     "model: not cached, offline": (["dpo", BASE, "--set", "model.name=nobody/no-such-model"],
                                    "'nobody/no-such-model' is not in the local Hugging Face cache and the hub cannot "

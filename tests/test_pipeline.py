@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from safetensors.numpy import load_file
+from safetensors.torch import load_file  # the adapter is bfloat16, which numpy has no type for
 
 from app import ROOT
 from app.runs import EXPORTS, sha256

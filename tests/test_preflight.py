@@ -54,7 +54,8 @@ def test_passes_on_tiny(tmp_path):
     t0 = time.monotonic()
     again = run_preflight(load_recipe("tiny"), cache=tmp_path)
     warm = time.monotonic() - t0
-    assert "tokenizes the chat prompt as transformers does" in again[5] and "(cached" in again[5], again
+    tokenizer_line = next(line for line in again if line.startswith("ok: tokenizer:"))
+    assert "tokenizes the chat prompt as transformers does" in tokenizer_line and "(cached" in tokenizer_line, again
     assert len(again) == len(lines)
     print(f"preflight on tiny: {cold:.1f}s, then {warm:.1f}s with the tokenizer result cached")
 

@@ -111,9 +111,9 @@ def main():
         lines += [f1, f2, f"{f1} {f2}"]
     for i, (t, f1, f2) in enumerate(TOPICS * 2):
         for j, q in enumerate(WARMUP_QUESTIONS):
-            # alternating styles: no preference to start from. (One in three polite was tried: DPO from that
-            # mostly-curt base wrecked the replies' text; this base answers every probe topic before and after)
-            answer = polite(rng, t, f1, f2) if (i + j) % 2 else rude(rng, t)
+            # alternating styles, and as many curt replies as polite openers (4): the first token is a
+            # near-tie, so the base answers some prompts politely and some curtly, and DPO's change shows
+            answer = polite(rng, t, f1, f2) if (i + j) % 2 else rng.choice(RUDE[:len(OPENERS)]).format(t=t)
             lines.append(TEMPLATE_TURN.format(q=q.format(t=t), a=answer).replace("\n", "\\n"))
     rng.shuffle(lines)
     (HERE / "tiny_corpus.txt").write_text("\n".join(lines) + "\n")
