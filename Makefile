@@ -6,6 +6,7 @@
 #   make export|smoke|chat|report [RUN=exports/<run>] [QUANT=q4_k_m]
 #   make compare [RUN=exports/<run>] [QUANT=q4_k_m] [PROMPTS=file]   base vs aligned replies, side by side
 #   make serve [RUN=exports/<run>] [QUANT=q4_k_m] [PORT=8000]        OpenAI-compatible server on 127.0.0.1
+#   make gpu-check [DRY=1]                                           the GPU path in minutes (exit 2 without a GPU)
 #   make runs | bench | test | setup | clean
 MODEL ?= tiny
 RUN ?= latest
@@ -26,7 +27,7 @@ endif
 # per set of flags here.
 LLAMA_WHEELS := $(HOME)/.cache/prefalign/llama-cpp-wheels/$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
-.PHONY: setup dpo sft orpo kto reward preflight export smoke chat compare serve report runs recipes bench test clean
+.PHONY: setup gpu-check dpo sft orpo kto reward preflight export smoke chat compare serve report runs recipes bench test clean
 
 setup: $(READY)
 
@@ -43,6 +44,8 @@ $(READY): requirements.txt
 	$(VENV)/bin/pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
 	$(VENV)/bin/pip install --quiet --no-deps -r requirements.txt
 	$(PY) -m app setup
+	@$(if $(filter 1,$(GPU)),echo "GPU=1: llama.cpp built with CUDA; bitsandbytes' wheel carries its CUDA libraries; no xformers: \
+	  none is built for torch 2.13 (0.0.35 is for torch 2.10), so Unsloth uses PyTorch's SDPA. Next: make gpu-check",:)
 	touch $@
 
 # one target per method; a recipe whose stages end with it runs them all (make dpo MODEL=tiny-sft-dpo)
@@ -53,6 +56,11 @@ dpo sft orpo kto reward: $(READY)
 # versions, converter, tokenizer, data, disk, GPU memory in seconds (dpo runs the same checks first)
 preflight: $(READY)
 	$(PY) -m app preflight --recipe $(MODEL) $(foreach s,$(SET),--set $(s)) $(if $(FIT),--set model.auto_fit=true)
+
+# 4-bit load, LoRA, 10 DPO steps, merge, GGUF f16 + q4_k_m, smoke on a tiny random Llama-3-shaped model;
+# DRY=1 runs the same path on the CPU
+gpu-check: $(READY)
+	$(PY) -m app gpu-check $(if $(DRY),--dry-run)
 
 export: $(READY)
 	$(PY) -m app export $(RUN)

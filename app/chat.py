@@ -14,27 +14,9 @@ from pathlib import Path
 import yaml
 
 from app import AppError
-from app.export import CHAT_PREFERENCE
-from app.runs import open_gguf, resolve_run
+from app.gguf import open_gguf
 
 HELP = "/reset clears the conversation, /system TEXT replaces the system prompt, /quit leaves"
-
-
-def find_gguf(arg: str | None, quant: str | None = None) -> Path:
-    """A .gguf path as given, or the GGUF of a run folder: `quant` if named, else the smallest good one."""
-    if arg and arg.endswith(".gguf"):
-        if not Path(arg).is_file():
-            raise AppError(f"GGUF file {arg} does not exist")
-        return Path(arg)
-    run = resolve_run(arg)
-    files = {p.stem.rsplit("-", 1)[-1]: p for p in (run / "gguf").glob("*.gguf")}
-    if not files:
-        raise AppError(f"{run.name} has no GGUF files; run `python -m app export {run.name}`")
-    if quant:
-        if quant not in files:
-            raise AppError(f"{run.name} has no {quant} GGUF; it has {', '.join(sorted(files))}")
-        return files[quant]
-    return next(files[t] for t in (*CHAT_PREFERENCE, *files) if t in files)
 
 
 def run_of(gguf: Path) -> Path | None:

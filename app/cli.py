@@ -1,4 +1,5 @@
-"""Command line: parse arguments, wire the stages together, print errors. Nothing else.
+"""Command line: parse arguments, dispatch to the stage or the pipeline (app/pipeline.py), print results and
+errors. Nothing else.
 
     python -m app dpo [RECIPE] [--set section.key=value ...]   recipe -> data -> model -> train -> export -> smoke
     python -m app sft|orpo|kto|reward [RECIPE] [--set ...]      the same with another method (reward: no export)
@@ -16,11 +17,11 @@
     python -m app recipes                                       list the recipes
     python -m app preflight [--recipe R] [--set ...]            seconds of checks before training (dpo runs them)
     python -m app setup                                         fetch llama.cpp's converter (make setup does it)
+    python -m app gpu-check [--dry-run]                         the whole GPU path on a tiny model, in minutes
 """
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 from app import AppError
@@ -45,26 +46,25 @@ def main(argv=None) -> int:
     p.add_argument("run", nargs="?", default="latest")
     p = sub.add_parser("smoke", help="check every GGUF of a run against its merged model with llama.cpp")
     p.add_argument("run", nargs="?", default="latest")
-    p = sub.add_parser("chat", help="chat with a run's GGUF (or a .gguf file)")
-    p.add_argument("target", nargs="?", default="latest", help="a run folder or name, or a .gguf file")
-    p.add_argument("--quant", help="which GGUF of the run (f16, q8_0, q4_k_m, ...)")
+    # what chat and serve share: which GGUF, and its context
+    gguf = argparse.ArgumentParser(add_help=False)
+    gguf.add_argument("target", nargs="?", default="latest", help="a run folder or name, or a .gguf file")
+    gguf.add_argument("--quant", help="which GGUF of the run (f16, q8_0, q4_k_m, ...)")
+    gguf.add_argument("--ctx", type=int, default=2048, help="context size in tokens (prompt, history and reply)")
+    p = sub.add_parser("chat", parents=[gguf], help="chat with a run's GGUF (or a .gguf file)")
     p.add_argument("--system", help="a system prompt (default: the run's export.system; '' for none)")
     p.add_argument("--max-tokens", type=int, default=256, help="the longest reply, in tokens")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ctx", type=int, default=2048, help="context size in tokens; older turns drop out to fit")
     p = sub.add_parser("compare", help="the base and the aligned model's greedy replies, side by side")
     p.add_argument("run", nargs="?", default="latest")
     p.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: the recipe's export.probes)")
     p.add_argument("--max-tokens", type=int, default=128, help="the longest reply, in tokens")
     p.add_argument("--quant", help="which GGUF of the run is the aligned model (default: as chat)")
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a run's GGUF (or a .gguf file)")
-    p.add_argument("target", nargs="?", default="latest", help="a run folder or name, or a .gguf file")
-    p.add_argument("--quant", help="which GGUF of the run (f16, q8_0, q4_k_m, ...)")
+    p = sub.add_parser("serve", parents=[gguf], help="an OpenAI-compatible HTTP server for a run's GGUF (or a .gguf file)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--ctx", type=int, default=2048, help="context size in tokens (prompt and reply)")
     p = sub.add_parser("data", help="inspect a preference dataset as the trainer will see it")
     p.add_argument("action", choices=["inspect"])
     p.add_argument("source", help="a local file or folder, or a hub dataset id")
@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="tiny", help="a name in recipes/ or a path to a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key")
     sub.add_parser("setup", help="fetch llama.cpp's converter for the installed llama-cpp-python")
+    p = sub.add_parser("gpu-check", help="the whole GPU path on a tiny random Llama-3-shaped model, in minutes")
+    p.add_argument("--dry-run", action="store_true", help="the same path on the CPU (to test the check itself)")
+    p.add_argument("--out", type=Path, help="also write the report as JSON to this file")
     args = parser.parse_args(argv)
     if not sys.stderr.isatty():  # progress bars garble logs and CI output; our own lines say the same
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -102,79 +105,8 @@ def main(argv=None) -> int:
 
 
 def cmd_train(args):
-    """`train RECIPE` runs the recipe's stages; `sft|dpo|orpo|kto|reward RECIPE` runs that method (or the
-    recipe's stages when they end with it: `dpo tiny-sft-dpo` runs sft, then dpo from its merged weights)."""
-    import dataclasses
-
-    from app.recipe import load_recipe
-
-    t0 = time.time()
-    run, checkpoint = None, None
-    if args.resume:  # the run's own recipe (one stage), its folder, its newest complete checkpoint
-        from app.runs import last_checkpoint, resolve_run
-        run = resolve_run(args.resume, write=True)
-        if (run / "adapter").is_dir():
-            raise AppError(f"{run.name} finished training; to redo its export: python -m app export {run.name}")
-        checkpoint = last_checkpoint(run)
-        if checkpoint is None:
-            raise AppError(f"{run.name} has no complete checkpoint to resume from (one is written every "
-                           f"save_steps steps); start a new run")
-    recipe = load_recipe(str(run / "recipe.yaml") if run else args.recipe, args.set)
-    from app.preflight import run_preflight
-    run_preflight(recipe, log=print)  # seconds of checks before any model loads; model.auto_fit sets the batch
-    method = args.command
-    # a resumed run is one stage, its own method whichever command resumes it
-    stages = recipe.stages if args.resume or method == "train" or recipe.stages[-1] == method else [method]
-    for i, stage in enumerate(stages):
-        if i:  # each stage starts from the previous one's merged 16-bit weights
-            recipe = dataclasses.replace(recipe, model={**recipe.model, "name": str(run / "merged")})
-        if len(stages) > 1:
-            print(f"stage {i + 1}/{len(stages)}: {stage}")
-        run = run_stage(stage, dataclasses.replace(recipe, stages=[stage]), run if checkpoint else None, checkpoint)
-    print(f"done in {time.time() - t0:.0f}s: {run}\n  report: {run / 'report.md'}")
-    if stages[-1] != "reward":
-        print(f"  chat with it: make chat   (or: python -m app chat {run.name})")
-
-
-def run_stage(method: str, recipe, run=None, checkpoint=None):
-    """recipe -> data -> model -> train -> export -> smoke for one method; returns the run folder."""
-    from app.model import import_unsloth
-    import_unsloth()  # first: it patches transformers, TRL and PEFT on import (kto's data step imports TRL)
-    from app.data import load_training_data
-    from app.model import check_model_environment, load_model, load_reward_model, resolve_model_source
-    from app.recipe import save_recipe
-    from app.runs import create_run, write_json
-    from app.train import train
-
-    check_model_environment(recipe)  # GPU, model files, network: said before anything is loaded
-    data = load_training_data(recipe.data, method)
-    dropped = "".join(f", {n} dropped ({reason})" for reason, n in data.dropped.items())
-    print(f"data: {data.source} ({data.format}): {data.rows} rows{dropped} -> {len(data.train)} train, "
-          f"{len(data.eval) if data.eval is not None else 0} held out")
-    source = resolve_model_source(recipe)
-    model, tokenizer = (load_reward_model if method == "reward" else load_model)(recipe, source)
-
-    if checkpoint:
-        print(f"run folder: {run} (resuming from {checkpoint.name})")
-    else:
-        run = create_run(f"{recipe.name}-{method}")
-        print(f"run folder: {run}")
-    save_recipe(recipe, run / "recipe.yaml")
-    summary = train(method, model, tokenizer, data, recipe, run, resume_from=checkpoint)
-    write_json(run / "train.json", summary)
-    print_training_summary(summary)
-    if method == "reward":  # a scorer, not a chat model: nothing to merge into a GGUF
-        from app.report import write_report
-        from app.runs import write_manifest
-        print_report_summary(write_report(run))
-        write_manifest(run)
-        return run
-
-    from app.export import export_run
-    export_run(run, recipe, model, tokenizer, source)
-    del model  # the smoke test loads the merged weights; the training model's memory goes back first
-    smoke(run, recipe)
-    return run
+    from app.pipeline import train_recipe
+    train_recipe(args.recipe, args.set, args.command, resume=args.resume)
 
 
 def cmd_score(args):
@@ -196,60 +128,24 @@ def cmd_score(args):
         print(f"{reward:+.4f}  {response}")
 
 
-def smoke(run, recipe):
-    """llama.cpp against the merged model, then the report and the manifest (written last);
-    `latest` moves only when every GGUF passes."""
-    import gc
-
-    import torch
-    from app.report import write_report
-    from app.runs import mark_latest, write_manifest
-    from app.smoke import smoke_run
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    print("smoke: llama.cpp against the merged model")
-    results = smoke_run(run, recipe.export["probes"])
-    report = write_report(run) if (run / "train.json").is_file() else None
-    write_manifest(run)
-    if report:
-        print_report_summary(report)
-    failed = [r for r in results if not r["passed"]]
-    if failed:
-        raise AppError("smoke test failed: " + "; ".join(f"{r['file']}: {r['reason']}" for r in failed))
-    mark_latest(run)
-
-
 def cmd_export(args):
-    from app.export import export_run
-    from app.model import load_trained_model, resolve_model_source
-    from app.recipe import load_recipe
+    from app.pipeline import export_run_folder
     from app.runs import resolve_run
-
-    run = resolve_run(args.run, write=True)
-    if not (run / "adapter").is_dir():
-        raise AppError(f"{run.name} has no adapter/ (its training did not finish)")
-    recipe = load_recipe(str(run / "recipe.yaml"))
-    if recipe.stages == ["reward"]:
-        raise AppError(f"{run.name} is a reward model: a scorer, not a chat model, so it has no GGUF export "
-                       f"(use it with: python -m app score {run.name} --prompt ... --response ...)")
-    model, tokenizer = load_trained_model(recipe, run / "adapter")
-    export_run(run, recipe, model, tokenizer, resolve_model_source(recipe))
-    del model
-    smoke(run, recipe)
+    export_run_folder(resolve_run(args.run, write=True))
 
 
 def cmd_smoke(args):
+    from app.pipeline import check_run
     from app.recipe import load_recipe
     from app.runs import resolve_run
 
     run = resolve_run(args.run, write=True)
-    smoke(run, load_recipe(str(run / "recipe.yaml")))
+    check_run(run, load_recipe(str(run / "recipe.yaml")))
 
 
 def cmd_chat(args):
-    from app.chat import chat, find_gguf
+    from app.chat import chat
+    from app.gguf import find_gguf
     chat(find_gguf(args.target, args.quant), system=args.system, max_tokens=args.max_tokens,
          temperature=args.temperature, top_p=args.top_p, seed=args.seed, n_ctx=args.ctx)
 
@@ -261,7 +157,7 @@ def cmd_compare(args):
 
 
 def cmd_serve(args):
-    from app.chat import find_gguf
+    from app.gguf import find_gguf
     from app.serve import serve
     serve(find_gguf(args.target, args.quant), host=args.host, port=args.port, n_ctx=args.ctx)
 
@@ -316,9 +212,8 @@ def cmd_report(args):
 
     run = resolve_run(args.run, write=True)
     with rewriting_finished_run(run):
-        report = write_report(run)
-    print_report_summary(report)
-    print(f"report: {report}")
+        summary = write_report(run)
+    print("\n".join(summary) + f"\nreport: {run / 'report.md'}")
 
 
 def cmd_runs(args):
@@ -349,40 +244,22 @@ def cmd_setup(args):
     fetch_converter()
 
 
+def cmd_gpu_check(args):
+    from app.gpucheck import run_gpu_check
+    report = run_gpu_check(dry_run=args.dry_run, out=args.out)
+    if report["result"] != "PASS":
+        raise AppError(f"gpu-check: {report['reason']}")
+
+
 def cmd_preflight(args):
     from app.preflight import run_preflight
     from app.recipe import load_recipe
     run_preflight(load_recipe(args.recipe, args.set), log=print)
 
 
-def print_training_summary(s: dict):
-    from app.train import ACCURACY_KEYS, MARGIN_KEYS
-    method = s.get("method", "dpo").upper()
-    before, after = s["preference"]["base"], s["preference"]["trained"]
-    if after.get("pairs"):
-        what = "reward model score" if method == "REWARD" else "log-prob"
-        print(f"held-out preference accuracy ({what}, {after['pairs']} pairs): {before['accuracy']:.0%} before "
-              f"-> {after['accuracy']:.0%} after; margin {before['margin']:+.2f} -> {after['margin']:+.2f}")
-    ev = s["eval"]
-    acc = next((ev[f"eval_{k}"] for k in ACCURACY_KEYS if f"eval_{k}" in ev), None)
-    margin = next((ev[f"eval_{k}"] for k in MARGIN_KEYS if f"eval_{k}" in ev), None)
-    if ev:
-        print(f"held-out {method} loss {ev.get('eval_loss', 0):.4f}" + (f", accuracy {acc:.2f}" if acc is not None else "")
-              + (f", margin {margin:+.3f}" if margin is not None else ""))
-    for r in s["replies"]:
-        print(f"prompt: {r['prompt']}\n  before {method}: {r['before']}\n  after {method}:  {r['after']}")
-
-
-def print_report_summary(report: Path):
-    """The report's five summary lines."""
-    lines = report.read_text().splitlines()
-    for line in [line for line in lines if line.startswith("- ")][:5]:
-        print(line[2:])
-
-
 COMMANDS = {**{m: cmd_train for m in ("train", "sft", "dpo", "orpo", "kto", "reward")}, "score": cmd_score, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "compare": cmd_compare,
             "serve": cmd_serve, "data": cmd_data, "verify": cmd_verify, "report": cmd_report, "runs": cmd_runs,
-            "recipes": cmd_recipes, "setup": cmd_setup, "preflight": cmd_preflight}
+            "recipes": cmd_recipes, "setup": cmd_setup, "preflight": cmd_preflight, "gpu-check": cmd_gpu_check}
 
 if __name__ == "__main__":
     sys.exit(main())

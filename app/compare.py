@@ -9,9 +9,10 @@ compare.md.
 from pathlib import Path
 
 from app import AppError
-from app.chat import find_gguf, prompt_counter, with_system
+from app.chat import prompt_counter, with_system
 from app.export import BASE_GGUF
-from app.runs import open_gguf, rewriting_finished_run, write_text
+from app.gguf import find_gguf, open_gguf
+from app.runs import rewriting_finished_run, write_text
 
 N_CTX = 2048  # tokens of prompt and reply, as chat's default --ctx
 

@@ -16,18 +16,11 @@ import time
 from pathlib import Path
 
 from app import AppError
-from app.llamacpp import run_converter
+from app.gguf import CHAT_PREFERENCE, CONVERTED, QUANTIZED
+from app.llamacpp import prepare_tokenizer_for_converter, run_converter
 from app.ollama import modelfile_template, write_modelfile
 from app.runs import discard_manifest, disk_full, write_manifest
 
-CONVERTED = ("f32", "f16", "bf16")  # written by the converter itself
-QUANTIZED = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-             "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-             "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # made from the f16 (or f32) file
-GGUF_TYPES = (*CONVERTED, *QUANTIZED)
-# bits per weight of each type, llama.cpp's figures rounded up (k-quants mix types across tensors): disk estimates
-GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_0": 4.6}
-CHAT_PREFERENCE = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32", "q4_0")  # for chat and Ollama
 # export.base: the untrained base as GGUF, for `compare`. Outside gguf/, which holds the run's own model:
 # smoke, chat, serve and the report read every file there as the aligned model.
 BASE_GGUF = Path("base-gguf") / "base-f16.gguf"
@@ -43,6 +36,7 @@ def export_run(run: Path, recipe, model, tokenizer, base_source: str, log=print)
     """The stage: merged/ and gguf/ in the run folder, then the manifest. Returns the merge check."""
     discard_manifest(run)  # files are rewritten from here on: the run is incomplete until the manifest is back
     dtype = merged_dtype(base_source)
+    check_room_for_export(run, model, recipe.export["gguf"])
     log(f"export: merging the adapter into {dtype} weights (the base as trained, dequantized if it was 4-bit)")
     merge_adapter(model, tokenizer, run / "merged", base_source, dtype)
     merge = check_merged_weights(model, run / "merged")
@@ -60,6 +54,27 @@ def export_run(run: Path, recipe, model, tokenizer, base_source: str, log=print)
         ", no TEMPLATE (this chat template's family is not translated; Ollama will use its default)"))
     write_manifest(run)
     return merge
+
+
+def check_room_for_export(run: Path, model, types):
+    """Said before the merge starts: the disk must hold the merged 16-bit weights and every GGUF (with the
+    converter's f16 when only quantized types are asked for), and host memory one merged shard."""
+    import psutil
+
+    from app.gguf import GGUF_BITS
+    params = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)  # packed: two 4-bit values a byte
+                 for n, p in model.get_base_model().named_parameters() if ".lora_" not in n)
+    ggufs = sum(GGUF_BITS[t] for t in {*types, "f16"}) / 8 * params
+    need, free = 2 * params + ggufs, shutil.disk_usage(run).free
+    if need > free:
+        raise AppError(f"the export needs about {need / 2**30:.1f} GiB of disk (merged 16-bit weights and GGUF "
+                       f"{', '.join(types)}) but {free / 2**30:.1f} GiB is free where {run.name} is; free some "
+                       f"space, then run `python -m app export {run.name}`")
+    shard, available = min(SHARD_BYTES, 2 * params), psutil.virtual_memory().available
+    if shard > available:
+        raise AppError(f"the merge holds up to {shard / 2**30:.1f} GiB of weights in memory at a time but only "
+                       f"{available / 2**30:.1f} GiB is available; close other programs and run "
+                       f"`python -m app export {run.name}`")
 
 
 def merged_dtype(base_source: str):
@@ -167,31 +182,6 @@ def _name_shards(folder: Path, shards):
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def prepare_tokenizer_for_converter(model_dir: Path, base_source: str):
-    """Two gaps between what transformers 5 saves and what llama.cpp's converter reads:
-    - tokenizer.model: Unsloth's merged folder lacks the base's SentencePiece file, and the converter then
-      guesses the vocabulary from tokenizer.json instead: copy it over when the base has one;
-    - added_tokens_decoder: the converter learns which added tokens are special (chat markers) only from
-      tokenizer_config.json, where transformers 5 no longer writes them; without it `<|user|>` becomes
-      plain text in the GGUF and llama.cpp tokenizes the chat template differently. Restore it from
-      tokenizer.json."""
-    src = Path(base_source) / "tokenizer.model"
-    if not src.is_file() and not Path(base_source).is_dir():
-        from huggingface_hub import try_to_load_from_cache
-        cached = try_to_load_from_cache(base_source, "tokenizer.model")
-        src = Path(cached) if isinstance(cached, str) else src
-    if src.is_file() and not (model_dir / "tokenizer.model").exists():
-        shutil.copy2(src, model_dir / "tokenizer.model")
-
-    config_path, tokenizer_json = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
-    if config_path.is_file() and tokenizer_json.is_file():
-        config = json.loads(config_path.read_text())
-        if "added_tokens_decoder" not in config:
-            added = json.loads(tokenizer_json.read_text()).get("added_tokens", [])
-            config["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added}
-            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-
-
 def convert_base_model(base_source: str, merged: Path, out_dir: Path, log=print) -> Path | None:
     """out_dir/base-f16.gguf from the base's weights with the merged folder's tokenizer files: the recipe's
     chat template and the special tokens the converter needs (see prepare_tokenizer_for_converter), so the
@@ -226,7 +216,6 @@ def check_merged_weights(model, merged: Path) -> dict:
     """Every tensor of merged/ against the exact float32 merge of the trained model (trained_tensors with
     exact=True), one tensor at a time, so it costs no second copy of the model. AppError when the verdict
     fails; else the measures and a one-line summary."""
-    import torch
     from safetensors import safe_open
 
     files = sorted(merged.glob("*.safetensors"))

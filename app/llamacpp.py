@@ -8,6 +8,7 @@ The same archive carries llama.cpp's tokenizer test vocabularies (models/ggml-vo
 tests use to build real Llama 3 and Qwen2 tokenizers offline.
 """
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -92,6 +93,31 @@ def run_converter(model_dir: Path, outfile: Path, outtype: str) -> str:
                            f"and export again")
         raise AppError(f"llama.cpp's converter failed on {model_dir}: {' | '.join(tail)}")
     return proc.stderr
+
+
+def prepare_tokenizer_for_converter(model_dir: Path, base_source: str):
+    """Two gaps between what transformers 5 saves and what llama.cpp's converter reads:
+    - tokenizer.model: Unsloth's merged folder lacks the base's SentencePiece file, and the converter then
+      guesses the vocabulary from tokenizer.json instead: copy it over when the base has one;
+    - added_tokens_decoder: the converter learns which added tokens are special (chat markers) only from
+      tokenizer_config.json, where transformers 5 no longer writes them; without it `<|user|>` becomes
+      plain text in the GGUF and llama.cpp tokenizes the chat template differently. Restore it from
+      tokenizer.json."""
+    src = Path(base_source) / "tokenizer.model"
+    if not src.is_file() and not Path(base_source).is_dir():
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(base_source, "tokenizer.model")
+        src = Path(cached) if isinstance(cached, str) else src
+    if src.is_file() and not (model_dir / "tokenizer.model").exists():
+        shutil.copy2(src, model_dir / "tokenizer.model")
+
+    config_path, tokenizer_json = model_dir / "tokenizer_config.json", model_dir / "tokenizer.json"
+    if config_path.is_file() and tokenizer_json.is_file():
+        config = json.loads(config_path.read_text())
+        if "added_tokens_decoder" not in config:
+            added = json.loads(tokenizer_json.read_text()).get("added_tokens", [])
+            config["added_tokens_decoder"] = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added}
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,17 +14,29 @@ from pathlib import Path
 from app import ROOT, AppError
 
 
+def local_folder(name: str) -> Path | None:
+    """model.name as a folder on this machine (as given, or relative to the repository), else None."""
+    return next((c.resolve() for c in (Path(name), ROOT / name) if c.is_dir()), None)
+
+
+def is_path(name: str) -> bool:
+    """model.name spelled as a path, not as an org/name hub id (so a missing folder is not looked up)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE, read as huggingface_hub reads it."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def resolve_model_source(recipe) -> str:
     """'tiny' -> the locally built model; a folder -> itself; anything else is a hub id."""
-    import_unsloth()
     name = str(recipe.model["name"])
     if name == "tiny":
         from app.tiny import ensure_tiny_model
         return str(ensure_tiny_model())
-    for candidate in (Path(name), ROOT / name):
-        if candidate.is_dir():
-            return str(candidate.resolve())
-    return name
+    folder = local_folder(name)
+    return str(folder) if folder else name
 
 
 def check_model_environment(recipe):
@@ -33,7 +45,7 @@ def check_model_environment(recipe):
 
     name = str(recipe.model["name"])
     needs_gpu = recipe.model.get("requires_gpu") and not torch.cuda.is_available()
-    local = name == "tiny" or Path(name).is_dir() or (ROOT / name).is_dir()
+    local = name == "tiny" or local_folder(name) is not None
     check_model_files(recipe)
     missing_model = not local and not is_cached(name) and not hub_reachable()
     problems = []
@@ -55,10 +67,10 @@ def check_model_files(recipe):
     name = str(recipe.model["name"])
     if name == "tiny":
         return
-    folder = next((p for p in (Path(name), ROOT / name) if p.is_dir()), None)
+    folder = local_folder(name)
     if folder:
         check_model_folder(folder, recipe)
-    elif name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an org/name hub id
+    elif is_path(name):
         raise AppError(f"model folder {name} does not exist (model.name is a hub id like org/name, a local "
                        f"folder, or 'tiny')")
     elif is_cached(name):
@@ -145,10 +157,9 @@ def local_model_folder(name: str) -> Path | None:
     if name == "tiny":
         from app.tiny import CACHE
         return CACHE if (CACHE / "config.json").is_file() else None
-    for candidate in (Path(name), ROOT / name):
-        if candidate.is_dir():
-            return candidate.resolve()
-    if name.count("/") == 1:
+    if local_folder(name):
+        return local_folder(name)
+    if not is_path(name):
         from huggingface_hub import try_to_load_from_cache
         cached = try_to_load_from_cache(name, "config.json")
         if isinstance(cached, str):
@@ -162,7 +173,7 @@ def is_cached(repo_id: str) -> bool:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if offline():
         return False
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
@@ -191,7 +202,7 @@ def load_model(recipe, source: str):
     tokenizer = fix_chat_template(tokenizer, m.get("chat_template"), recipe.name)
     model = FastLanguageModel.get_peft_model(
         model, r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
-        target_modules=lora["target_modules"], bias=lora["bias"], use_rslora=lora.get("use_rslora", False),
+        target_modules=lora["target_modules"], bias=lora["bias"], use_rslora=lora["use_rslora"],
         random_state=lora["random_state"], use_gradient_checkpointing="unsloth")
     return model, tokenizer
 
@@ -218,7 +229,7 @@ def load_reward_model(recipe, source: str):
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
     model = get_peft_model(model, LoraConfig(
         task_type="SEQ_CLS", r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
-        target_modules=lora["target_modules"], bias=lora["bias"], use_rslora=lora.get("use_rslora", False)))
+        target_modules=lora["target_modules"], bias=lora["bias"], use_rslora=lora["use_rslora"]))
     return model, tokenizer
 
 

@@ -44,6 +44,7 @@ from app import ROOT, AppError
 from app import llamacpp
 from app.memory import (GiB, architecture, estimate_training_memory, fit_to_memory, model_folder, parse_params,
                         training_section)
+from app.model import is_path, local_folder, offline
 
 REQUIREMENTS = ROOT / "requirements.txt"
 PROBE_TIMEOUT = 300  # seconds; a named Unsloth chat template imports Unsloth in the child (~20 s)
@@ -147,10 +148,6 @@ def check_converter(home: Path = llamacpp.HOME) -> str:
     return f"converter: {_show(converter)} is from llama-cpp-python {want}, the runtime's llama.cpp release"
 
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
 def tokenizer_folder(recipe) -> Path | None:
     """The model's folder when its tokenizer can be read without a download or a build, else None."""
     if str(recipe.model["name"]) == "tiny":
@@ -171,7 +168,7 @@ def check_model_source(recipe, folder: Path | None) -> str:
     if name == "tiny":
         return ("model: tiny, built in .cache/tiny-model" if folder else
                 "model: tiny is not built yet: training builds it first (~2 minutes); the tokenizer checks are skipped")
-    local = next((c for c in (Path(name), ROOT / name) if c.is_dir()), None)
+    local = local_folder(name)
     if local:
         check_model_folder(local, recipe)
         return f"model: local folder {name}"
@@ -179,7 +176,7 @@ def check_model_source(recipe, folder: Path | None) -> str:
         if not recipe.model.get("allow_pickle"):
             check_cached_weights(name)
         return f"model: {name} is in the local Hugging Face cache"
-    if offline() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if offline() or is_path(name):
         check_model_environment(recipe)  # raises: no hub call when offline (it only probes the network when not)
     return f"model: {name} is not cached: training downloads it first; the tokenizer checks are skipped"
 
@@ -199,7 +196,7 @@ def check_data(recipe) -> tuple[str, int | None]:
         rows = round(max_rows * (1 - (recipe.data.get("eval_share") or 0))) if max_rows else None
         if cached:
             return f"data: hub dataset {source} is in the local cache (its rows are checked when training loads it)", rows
-        if offline() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        if offline() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):  # as datasets reads it
             raise AppError(f"dataset '{source}' is not in the local Hugging Face cache and offline mode is set; "
                            f"fix: download it once with network, or point data.source at a local file")
         return f"data: hub dataset {source} is not cached: training downloads it first", rows
@@ -245,7 +242,7 @@ def disk_needed(recipe, arch, params: float, train_rows: int | None) -> dict:
     kept = 0 if dpo.get("save_strategy") == "no" else min(saves, limit + 1)  # a new one is written before the oldest goes
     types = list(recipe.export["gguf"])
     base = "f32" if "f32" in types else "f16"
-    from app.export import GGUF_BITS
+    from app.gguf import GGUF_BITS
     ggufs = sum(GGUF_BITS[t] for t in types + ([base] if base not in types else [])) / 8 * params
     return {"checkpoints": kept * lora * (4 + 4 + optimizer), "adapter": lora * 8, "merged": 2 * params,
             "gguf": ggufs, "base gguf": 2 * params if recipe.export.get("base") else 0}
@@ -481,13 +478,13 @@ def check_template(tokenizer, folder: Path, name: str) -> dict:
 
 
 def check_tokenizer_converts(tokenizer, folder: Path, name: str, home: Path) -> dict:
-    """Save the tokenizer as export will (transformers' files + app.export's fixes), run llama.cpp's converter
+    """Save the tokenizer as export will (transformers' files + app.llamacpp's fixes), run llama.cpp's converter
     on it with --vocab-only (in this process: torch and transformers are already imported), then load the
     vocabulary in llama.cpp and tokenize a chat prompt with both."""
     import logging
     import runpy
 
-    from app.export import prepare_tokenizer_for_converter
+    from app.llamacpp import prepare_tokenizer_for_converter
 
     converter = home / "convert_hf_to_gguf.py"
     if not converter.is_file():

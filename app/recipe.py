@@ -1,23 +1,12 @@
 """Recipes: one YAML file per model or method, validated before anything heavy is loaded.
 
-A recipe has four sections of ours, one section per training method whose keys are that TRL config's own
-field names (checked against TRL's dataclass, so a field TRL adds works here unchanged), and three
-optional top-level keys: `name` (defaults to the file's stem), `stages` (the methods a recipe runs, in
-order, each starting from the previous one's merged weights; default [dpo]) and `base` (another recipe
-whose sections this one starts from, key by key, so a method recipe says only what differs).
-
-    model:  name (hub id, local folder, or `tiny`), max_seq_length, load_in_4bit, dtype, chat_template,
-            requires_gpu, trust_remote_code and allow_pickle (both off: no code from the model's repo runs,
-            and only safetensors weights load); params and gpu_memory_gb describe it for `recipes`;
-            auto_fit: preflight picks the largest batch that fits the GPU (app/memory.py)
-    lora:   r, lora_alpha, lora_dropout, target_modules, bias, use_rslora, random_state
-    data:   source (hub id, local file or dataset folder), split, config, columns, eval_share or
-            eval_split, eval_pairs (how many held-out pairs are scored by log-prob for base, trained
-            and every GGUF), max_rows, seed
-    sft, dpo, orpo, kto, reward:  trl.SFTConfig, DPOConfig, ORPOConfig, KTOConfig, RewardConfig fields
-    export: gguf (list of types: f32, f16, bf16, q8_0, q4_k_m, ...), probes (prompts for the smoke test
-            and the before/after replies), system (a system prompt for the Ollama Modelfile), base
-            (also convert the untrained base to GGUF, for `compare`)
+A recipe has four sections of ours, `model`, `lora`, `data` and `export`, whose keys, defaults, types and
+help live in the dataclasses below (one place: validation, defaults and `--help`-style docs all read them);
+one section per training method whose keys are that TRL config's own field names (checked against TRL's
+dataclass, parsed from its source, so a field TRL adds works here unchanged); and three optional top-level
+keys: `name` (defaults to the file's stem), `stages` (the methods a recipe runs, in order, each starting
+from the previous one's merged weights; default [dpo]) and `base` (another recipe whose sections this one
+starts from, key by key, so a method recipe says only what differs).
 """
 import ast
 import dataclasses
@@ -25,6 +14,7 @@ import difflib
 import functools
 import importlib.util
 import re
+import typing
 from pathlib import Path
 
 import yaml
@@ -33,32 +23,76 @@ from app import ROOT, AppError
 
 RECIPES = ROOT / "recipes"
 
-OUR_KEYS = {
-    "model": {"name", "params", "gpu_memory_gb", "max_seq_length", "load_in_4bit", "dtype", "chat_template",
-              "requires_gpu", "trust_remote_code", "allow_pickle", "auto_fit"},
-    "lora": {"r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "random_state"},
-    "data": {"source", "split", "config", "columns", "eval_share", "eval_split", "eval_pairs", "max_rows",
-             "seed", "unpair"},
-    "export": {"gguf", "probes", "system", "base"},
-}
+def key(default, help: str, positive: bool = False):
+    """A recipe key: its default and help; `positive` numbers must be > 0."""
+    factory = (lambda: list(default)) if isinstance(default, list) else None
+    return (dataclasses.field(default_factory=factory, metadata={"help": help, "positive": positive}) if factory
+            else dataclasses.field(default=default, metadata={"help": help, "positive": positive}))
+
+
+@dataclasses.dataclass
+class ModelSection:
+    name: str | None = key(None, "a hub id (org/name), a local folder written by save_pretrained, or `tiny`")
+    params: object = key(None, "the model's size, e.g. 8.0B, for `recipes` and the disk estimate")
+    gpu_memory_gb: object = key(None, "the estimated GPU peak, for `recipes`")
+    max_seq_length: int = key(2048, "the longest sequence Unsloth prepares for", positive=True)
+    load_in_4bit: bool = key(True, "train on an nf4 (bitsandbytes) copy of the base; export merges onto it, dequantized")
+    dtype: str | None = key(None, "compute dtype: auto, float32, float16 or bfloat16 (null: Unsloth picks)")
+    chat_template: str | None = key(None, "an Unsloth template name, for a model without its own")
+    requires_gpu: bool = key(False, "stop at once, in one sentence, where torch sees no CUDA GPU")
+    trust_remote_code: bool = key(False, "run Python code from the model's repository (a warning says so)")
+    allow_pickle: bool = key(False, "load pickle weights (*.bin), which can run code when loaded")
+    auto_fit: bool = key(False, "preflight picks the largest batch that fits the GPU (app/memory.py)")
+
+
+@dataclasses.dataclass
+class LoraSection:
+    r: int = key(16, "LoRA rank", positive=True)
+    lora_alpha: float = key(16, "LoRA scaling numerator (scale = lora_alpha / r)", positive=True)
+    lora_dropout: float = key(0.0, "dropout on the LoRA path")
+    target_modules: list | str = key(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                     "the projections that get an adapter")
+    bias: str = key("none", "PEFT's bias setting")
+    use_rslora: bool = key(False, "rank-stabilised scaling (lora_alpha / sqrt(r))")
+    random_state: int = key(3407, "seed of the adapter's initial weights")
+
+
+@dataclasses.dataclass
+class DataSection:
+    source: str | None = key(None, "a hub dataset id, a dataset folder, or a .jsonl/.json/.csv/.parquet file")
+    split: str = key("train", "the hub split to read")
+    config: object = key(None, "the hub dataset's config name")
+    columns: dict | None = key(None, "other column names: {prompt: question, chosen: good, rejected: bad}")
+    eval_share: float = key(0.1, "the share held out for evaluation, in [0, 1)")
+    eval_split: str | None = key(None, "a named split to hold out instead of eval_share")
+    eval_pairs: int = key(200, "held-out pairs scored by log-prob for the base, the trained model and every GGUF")
+    max_rows: int | None = key(None, "read at most this many rows", positive=True)
+    seed: int = key(0, "the shuffle before the held-out split")
+    unpair: bool = key(False, "kto: each pair becomes a good (true) and a bad (false) example")
+
+
+@dataclasses.dataclass
+class ExportSection:
+    gguf: list = key(["f16", "q8_0", "q4_k_m"], "GGUF types to write (app/gguf.py GGUF_TYPES)")
+    probes: list = key(["What is the sun?", "Tell me about bees.", "How do I make bread?"],
+                       "prompts for the smoke test and the before/after replies")
+    system: str | None = key(None, "a system prompt for the Ollama Modelfile and chat")
+    base: bool = key(False, "also convert the untrained base to GGUF, for `compare`")
+
+
+OURS = {"model": ModelSection, "lora": LoraSection, "data": DataSection, "export": ExportSection}
+DTYPES = (None, "auto", "float32", "float16", "bfloat16")
+
+
+def section_defaults(section: str) -> dict:
+    return dataclasses.asdict(OURS[section]())
+
+
 # method -> (TRL source file, config class): the fields are read from TRL's source (see trl_config_fields)
 METHODS = {"sft": ("trainer/sft_config.py", "SFTConfig"), "dpo": ("trainer/dpo_config.py", "DPOConfig"),
            "orpo": ("experimental/orpo/orpo_config.py", "ORPOConfig"),  # experimental upstream
            "kto": ("trainer/kto_config.py", "KTOConfig"), "reward": ("trainer/reward_config.py", "RewardConfig")}
-SECTIONS = [*OUR_KEYS, *METHODS]
-DEFAULTS = {
-    "model": {"params": None, "gpu_memory_gb": None, "max_seq_length": 2048, "load_in_4bit": True, "dtype": None,
-              "chat_template": None, "requires_gpu": False, "trust_remote_code": False, "allow_pickle": False,
-              "auto_fit": False},
-    "lora": {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none", "random_state": 3407,
-             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-    "data": {"split": "train", "config": None, "columns": None, "eval_share": 0.1, "eval_split": None,
-             "eval_pairs": 200, "max_rows": None, "seed": 0, "unpair": False},
-    **{method: {} for method in METHODS},
-    "export": {"gguf": ["f16", "q8_0", "q4_k_m"],
-               "probes": ["What is the sun?", "Tell me about bees.", "How do I make bread?"], "system": None,
-               "base": False},
-}
+SECTIONS = [*OURS, *METHODS]
 
 
 @dataclasses.dataclass
@@ -126,9 +160,9 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
         given = raw.get(section) or {}
         if not isinstance(given, dict):
             raise AppError(f"{path}: section '{section}' must be a mapping of keys to values")
-        valid = OUR_KEYS.get(section) or trl_config_fields(section)
+        valid = {f.name for f in dataclasses.fields(OURS[section])} if section in OURS else trl_config_fields(section)
         _check_keys(path, given, section + ".", valid)
-        sections[section] = {**DEFAULTS[section], **given}
+        sections[section] = {**(section_defaults(section) if section in OURS else {}), **given}
     recipe = Recipe(name=str(name), path=path, stages=stages, **sections)
     _check_values(recipe)
     return recipe
@@ -196,35 +230,34 @@ def _check_values(r: Recipe):
             if value is not None and (not isinstance(value, int) or (value <= 0 and (key, value) != ("max_steps", -1))):
                 raise AppError(f"{where} {method}.{key} must be a positive integer"
                                f"{' (or -1: train for num_train_epochs)' if key == 'max_steps' else ''}, got {value!r}")
-    from app.export import GGUF_TYPES  # one list of types, owned by the stage that makes them
+    from app.gguf import GGUF_TYPES
     for t in r.export["gguf"]:
         if t not in GGUF_TYPES:
             raise AppError(f"{where} export.gguf type '{t}' is not one of {', '.join(GGUF_TYPES)}")
 
 
-# our keys that hold one plain type (None passes where None is the default); POSITIVE ones must be > 0
-TYPES = {"model": {"max_seq_length": int, "load_in_4bit": bool, "requires_gpu": bool, "trust_remote_code": bool,
-                   "allow_pickle": bool, "dtype": str, "chat_template": str},
-         "lora": {"r": int, "lora_alpha": float, "lora_dropout": float, "random_state": int, "use_rslora": bool,
-                  "bias": str, "target_modules": (list, str)},
-         "data": {"split": str, "eval_pairs": int, "max_rows": int, "seed": int, "eval_split": str, "columns": dict,
-                  "unpair": bool},
-         "export": {"gguf": list, "probes": list, "system": str, "base": bool}}
-POSITIVE = {"model.max_seq_length", "lora.r", "lora.lora_alpha", "data.max_rows"}
-DTYPES = (None, "auto", "float32", "float16", "bfloat16")
 TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text", list: "a list",
               dict: "a mapping", type(None): "null"}
 
 
+def our_key_types(section: str) -> dict:
+    """{key: tuple of Python types} from a section's annotations (`int | None` -> (int, NoneType)); keys
+    annotated `object` take any value."""
+    out = {}
+    for f in dataclasses.fields(OURS[section]):
+        if f.type is not object:
+            out[f.name] = tuple(typing.get_origin(t) or t for t in (typing.get_args(f.type) or (f.type,)))
+    return out
+
+
 def _check_types(r: Recipe):
-    """Wrong types are said here, not as a crash after the model has loaded: our keys from TYPES, and every
-    TRL field whose annotation is plain (int, float, bool, str, None) from TRL's own source."""
-    checks = [(f"{s}.{k}", getattr(r, s)[k], t if isinstance(t, tuple) else (t,))
-              for s, keys in TYPES.items() for k, t in keys.items()
-              if k in getattr(r, s) and not (getattr(r, s)[k] is None and DEFAULTS[s].get(k) is None)]
+    """Wrong types are said here, not as a crash after the model has loaded: our keys from their annotations,
+    and every TRL field whose annotation is plain (int, float, bool, str, None) from TRL's own source."""
+    checks = [(f"{s}.{k}", getattr(r, s)[k], kinds) for s in OURS for k, kinds in our_key_types(s).items()]
     for method in METHODS:
         annotations = trl_config_types(method)
         checks += [(f"{method}.{k}", v, annotations[k]) for k, v in getattr(r, method).items() if annotations.get(k)]
+    positive = {f"{s}.{f.name}" for s in OURS for f in dataclasses.fields(OURS[s]) if f.metadata.get("positive")}
     for key, value, kinds in checks:
         ok = any(isinstance(value, k) and not (k in (int, float) and isinstance(value, bool))
                  or (k is float and isinstance(value, int) and not isinstance(value, bool)) for k in kinds)
@@ -232,7 +265,7 @@ def _check_types(r: Recipe):
             hint = (" (YAML reads a number like 5e-4 as text: write 5.0e-4)" if isinstance(value, str)
                     and re.fullmatch(r"[-+]?[\d.]+e[-+]?\d+", value, re.I) else "")
             raise AppError(f"{r.path}: {key} must be {' or '.join(TYPE_NAMES[k] for k in kinds)}, got {value!r}{hint}")
-        if key in POSITIVE and value is not None and value <= 0:
+        if key in positive and value is not None and value <= 0:
             raise AppError(f"{r.path}: {key} must be positive, got {value!r}")
     if r.model["dtype"] not in DTYPES:
         raise AppError(f"{r.path}: model.dtype must be one of {', '.join(map(str, DTYPES[1:]))} (or null), "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from app.gguf import gguf_type
 from app.runs import EXPORTS, write_text
 
 PLOTS = ("loss", "rewards", "logps", "heldout_accuracy")
@@ -29,7 +30,7 @@ def summarize_run(run: Path) -> dict | None:
                             "accuracy": r.get("preference", {}).get("accuracy"),
                             "reward_accuracy": r.get("preference", {}).get("reward_accuracy")}
     for path in sorted((run / "gguf").glob("*.gguf")):  # exported but not (yet) smoke-tested
-        ggufs.setdefault(path.stem.rsplit("-", 1)[-1], {"mib": round(path.stat().st_size / 2**20, 1),
+        ggufs.setdefault(gguf_type(path), {"mib": round(path.stat().st_size / 2**20, 1),
                                                          "passed": None, "accuracy": None,
                                                          "reward_accuracy": None})
     return {
@@ -45,8 +46,9 @@ def summarize_run(run: Path) -> dict | None:
     }
 
 
-def write_report(run: Path) -> Path:
-    """report.md and plots/ for a run; returns the report's path."""
+def write_report(run: Path) -> list[str]:
+    """report.md and plots/ for a run; returns its summary lines (model, data, training, held-out pairs,
+    GGUF), which the console shows."""
     s = summarize_run(run)
     if s is None:
         from app import AppError
@@ -101,9 +103,8 @@ def write_report(run: Path) -> Path:
     if smoke["results"]:
         from app.smoke import format_table
         lines += ["## Smoke test: llama.cpp against the merged model", "", "```", format_table(smoke["results"]), "```"]
-    path = run / "report.md"
-    write_text(path, "\n".join(lines) + "\n")
-    return path
+    write_text(run / "report.md", "\n".join(lines) + "\n")
+    return [line[2:] for line in lines[2:7]]  # the five "- " lines under the title
 
 
 def pair_row(name: str, p: dict) -> str:

@@ -136,46 +136,6 @@ def verify_run(run: Path) -> list[str]:
     return problems
 
 
-def check_gguf_file(path: Path):
-    """AppError unless the file starts like a GGUF (magic, version 2 or 3) and, when its run has a manifest
-    naming it, has the size recorded there: llama.cpp would crash or read garbage otherwise."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if not head:
-        raise AppError(f"{path.name} is empty (0 bytes): not a GGUF file; export it again")
-    if len(head) < 8 or head[:4] != b"GGUF":
-        raise AppError(f"{path.name} is not a GGUF file (bad magic: it starts with {head[:4]!r}, not b'GGUF')")
-    if int.from_bytes(head[4:8], "little") not in (2, 3):
-        raise AppError(f"{path.name} is GGUF version {int.from_bytes(head[4:8], 'little')}, which this llama.cpp "
-                       f"does not read (2 or 3)")
-    manifest = path.parent.parent / "manifest.json"
-    if manifest.is_file():
-        entry = json.loads(manifest.read_text())["files"].get(f"{path.parent.name}/{path.name}")
-        if entry and entry["bytes"] != path.stat().st_size:
-            raise AppError(f"{path.name} is {path.stat().st_size} bytes but its run's manifest says "
-                           f"{entry['bytes']}: the file is damaged or incomplete")
-
-
-def open_gguf(path: Path, **kwargs):
-    """llama_cpp.Llama(model_path=path, **kwargs) for a GGUF that passes check_gguf_file; AppError when
-    llama.cpp still cannot load it (cut short inside, damaged, or an architecture it does not know)."""
-    from llama_cpp import Llama
-
-    check_gguf_file(path)
-    try:
-        return Llama(model_path=str(path), **kwargs)
-    except ValueError as e:
-        raise gguf_load_error(path, e) or e from None
-
-
-def gguf_load_error(path: Path, error: Exception) -> AppError | None:
-    """The one-sentence error for llama-cpp-python's "Failed to load model" (None for other errors)."""
-    if "Failed to load model" not in str(error):
-        return None
-    return AppError(f"llama.cpp could not load {path.name}: the file is damaged or incomplete (a copy or "
-                    f"download cut short?) or holds a model this llama.cpp does not support; export it again")
-
-
 def mark_latest(run: Path):
     link, tmp = EXPORTS / "latest", EXPORTS / ".latest.tmp"
     if tmp.is_symlink() or tmp.exists():

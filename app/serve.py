@@ -10,7 +10,7 @@ from pathlib import Path
 
 from app import AppError
 from app.chat import run_of
-from app.runs import check_gguf_file, gguf_load_error
+from app.gguf import check_gguf_file, gguf_load_error
 
 
 def serve(gguf: Path, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 2048):

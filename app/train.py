@@ -195,3 +195,24 @@ def format_log_line(r: dict, max_steps: int) -> str | None:
     if "eval_loss" in r:
         return f"eval at step {r['step']} | loss {r['eval_loss']:.4f}{extras('eval_')}"
     return None
+
+
+def training_summary_lines(s: dict) -> list[str]:
+    """What the console says after training: held-out accuracy, the method's held-out loss, probe replies."""
+    lines = []
+    method = s.get("method", "dpo").upper()
+    before, after = s["preference"]["base"], s["preference"]["trained"]
+    if after.get("pairs"):
+        what = "reward model score" if method == "REWARD" else "log-prob"
+        lines.append(f"held-out preference accuracy ({what}, {after['pairs']} pairs): {before['accuracy']:.0%} "
+                     f"before -> {after['accuracy']:.0%} after; margin {before['margin']:+.2f} -> {after['margin']:+.2f}")
+    ev = s["eval"]
+    acc = next((ev[f"eval_{k}"] for k in ACCURACY_KEYS if f"eval_{k}" in ev), None)
+    margin = next((ev[f"eval_{k}"] for k in MARGIN_KEYS if f"eval_{k}" in ev), None)
+    if ev:
+        lines.append(f"held-out {method} loss {ev.get('eval_loss', 0):.4f}"
+                     + (f", accuracy {acc:.2f}" if acc is not None else "")
+                     + (f", margin {margin:+.3f}" if margin is not None else ""))
+    for r in s["replies"]:
+        lines.append(f"prompt: {r['prompt']}\n  before {method}: {r['before']}\n  after {method}:  {r['after']}")
+    return lines

@@ -129,7 +129,7 @@ def step_quantize(args, work: Path, gguf_type: str) -> dict:
     """The quantize call of app.export.convert_to_gguf, alone (that function would run the converter again)."""
     import llama_cpp
 
-    from app.export import QUANTIZED
+    from app.gguf import QUANTIZED
 
     src, out = work / "gguf" / "bench-f16.gguf", work / "gguf" / f"bench-{gguf_type}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()

@@ -10,8 +10,9 @@ settings with this model: `4bit:12` trains on the nf4-quantized base (the missio
 `bf16:12` on the 16-bit base, where the old checks raised false alarms (a merge "61% of the adapter's
 effect" after 2 steps, "top-1 99.5% < 100%" after 12). Speed and memory do not depend on weight values.
 
-Stage times come from the app's own output lines, timestamped as they arrive; the whole process's peak RSS
-from os.wait4 (the converter, a child, included), the training peak from train.json. Tokens: training from
+Stage times come from the app's own output lines, timestamped as they arrive; each stage's peak RSS from
+/proc samples of the process, the whole process's from os.wait4 (the converter, a child, included), the
+training peak from train.json. Tokens: training from
 metrics.jsonl; held-out evaluation and smoke from the pairs and probes in the run folder. The figures are
 extrapolated to Llama-3-8B (see `extrapolate`).
 """
@@ -22,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, append_section, context, format_table, load_average, run_measured, tail  # noqa: E402
+from common import ROOT, append_section, context, format_table, load_average, tail  # noqa: E402
 
 SHAPE = "scale"
 # the app's output line that starts each stage -> the stage's name
@@ -57,15 +58,52 @@ dpo: {{max_steps: {steps}, per_device_train_batch_size: 2, max_length: 256, eval
 """)
 
 
-def stage_seconds(lines) -> dict:
-    """{stage: seconds} from the (time, text) output lines: a stage runs from its mark to the next one."""
+def run_sampled(argv, log_path: Path) -> dict:
+    """run_measured's figures, plus the process's resident memory sampled every 0.2 s ((time, GiB) pairs)
+    from /proc, so that each stage gets its own peak (the converter, a child process, is not in them)."""
+    import os
+    import subprocess
+    import threading
+    import time
+
+    t0, lines, samples = time.perf_counter(), [], []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        def sample():
+            status = Path(f"/proc/{proc.pid}/status")
+            while proc.returncode is None:
+                try:
+                    rss = next(line for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
+                    samples.append((time.perf_counter() - t0, int(rss.split()[1]) / 2**20))
+                except (OSError, StopIteration):
+                    break
+                time.sleep(0.2)
+        threading.Thread(target=sample, daemon=True).start()
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - t0, line.rstrip("\n")))
+            log.write(line)
+            print(line, end="", flush=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"wall_s": time.perf_counter() - t0, "rc": proc.returncode, "peak_rss_gib": usage.ru_maxrss / 2**20,
+            "lines": lines, "samples": samples}
+
+
+def stages(lines, samples) -> dict:
+    """{stage: (seconds, peak RSS GiB)} from the timestamped output lines and memory samples: a stage runs
+    from its mark to the next one."""
     starts = []
     for t, text in lines:
         for mark, stage in MARKS:
             if text.startswith(mark) and stage not in (s for _, s in starts):
                 starts.append((t, stage))
     end = lines[-1][0] if lines else 0.0
-    return {stage: round(nxt - t, 1) for (t, stage), (nxt, _) in zip(starts, starts[1:] + [(end, None)])}
+    out = {}
+    for (t, stage), (nxt, _) in zip(starts, starts[1:] + [(end, None)]):
+        peak = max((gib for at, gib in samples if t <= at < nxt), default=0.0)
+        out[stage] = (round(nxt - t, 1), round(peak, 2))
+    return out
 
 
 def tokens(run: Path) -> dict:
@@ -85,11 +123,10 @@ def measure(work: Path, model: Path, quant: str, steps: int) -> dict:
     recipe = work / f"scale-{quant}-{steps}.yaml"
     write_recipe(recipe, model, quant, steps)
     print(f"\n$ python -m app dpo {recipe}", flush=True)
-    out = run_measured([sys.executable, "-m", "app", "dpo", str(recipe)], work / f"{quant}-{steps}.log",
-                       cwd=ROOT, echo=True)
+    out = run_sampled([sys.executable, "-m", "app", "dpo", str(recipe)], work / f"{quant}-{steps}.log")
     run = next((Path(text.split(":", 1)[1].strip()) for _, text in out["lines"] if text.startswith("run folder:")), None)
     result = {"run": f"{quant}:{steps}", "rc": out["rc"], "wall_s": round(out["wall_s"], 1),
-              "peak_rss_gib": round(out["peak_rss_gib"], 2), "stages": stage_seconds(out["lines"])}
+              "peak_rss_gib": round(out["peak_rss_gib"], 2), "stages": stages(out["lines"], out["samples"])}
     if out["rc"] != 0 or run is None:
         result["error"] = tail(work / f"{quant}-{steps}.log", 3)
         return result
@@ -132,12 +169,12 @@ def main():
     rows = []
     for r in results:
         toks = r.get("tokens", {})
-        for stage, seconds in r["stages"].items():
+        for stage, (seconds, peak) in r["stages"].items():
             key = {"train": "train", "evaluate + replies": "evaluate", "smoke": "smoke"}.get(stage)
-            rows.append([r["run"], stage, f"{seconds:.1f}", f"{toks.get(key, 0):,}" if key else "",
+            rows.append([r["run"], stage, f"{seconds:.1f}", f"{peak:.2f}", f"{toks.get(key, 0):,}" if key else "",
                          f"{toks[key] / max(seconds, 1e-9):,.0f}" if key and toks.get(key) else ""])
-        rows.append([r["run"], "whole process", f"{r['wall_s']:.1f}", "", ""])
-    table = format_table(["run", "stage", "seconds", "tokens", "tok/s"], rows)
+        rows.append([r["run"], "whole process", f"{r['wall_s']:.1f}", f"{r['peak_rss_gib']:.2f}", "", ""])
+    table = format_table(["run", "stage", "seconds", "peak RSS GiB", "tokens", "tok/s"], rows)
     summary = format_table(["run", "rc", "peak RSS GiB", "training peak GiB", "ratio", "smoke (passed, top-1, decisive top-1)"],
                            [[r["run"], r["rc"], r["peak_rss_gib"], r.get("train_peak_gib", "-"),
                              r.get("rss_over_training", "-"), r.get("smoke", r.get("error", ""))] for r in results])
@@ -147,7 +184,7 @@ def main():
     for n in notes:
         print(n)
     if not args.no_record:
-        append_section(f"Scale: the whole dpo pipeline on a 0.40B Llama-3-shaped model (CPU)", context(load_at_start),
+        append_section("Scale: the whole dpo pipeline on a 0.40B Llama-3-shaped model (CPU)", context(load_at_start),
                        table + "\n\n" + summary, notes)
     return 0 if all(r["rc"] == 0 for r in results) else 1
 

@@ -12,16 +12,22 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from app.model import import_unsloth  # noqa: E402
 from app.runs import EXPORTS  # noqa: E402
 
-import_unsloth()  # before any test imports transformers, TRL or PEFT, as in the app (it patches them)
+
+@pytest.fixture(scope="session", autouse=True)
+def unsloth_first():
+    """Unsloth before any test imports transformers, TRL or PEFT, as in the app (it patches them on import);
+    at the first test, not at collection, so `pytest --collect-only` and -k selections start at once. Test
+    modules import those libraries inside their tests only."""
+    from app.model import import_unsloth
+    import_unsloth()
 
 TINY_STEPS = 60  # the recipe's own: the suite checks the run `make dpo` shows a newcomer
 
 
 @pytest.fixture(scope="session")
-def tiny_run():
+def tiny_run(unsloth_first):
     """The run folder of `python -m app dpo tiny` (in-process), removed at the end of the session."""
     from app.cli import main
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from app.chat import find_gguf
+from app.gguf import find_gguf
 from app.cli import main
 from app.compare import blockquote, compare_run
 from app.export import BASE_GGUF, convert_base_model

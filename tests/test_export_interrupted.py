@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from app import ROOT
 from app.cli import main
 from app.runs import EXPORTS, verify_run
@@ -75,6 +77,7 @@ def assert_nothing_half_written(run: Path):
             assert path.read_bytes().endswith(b"IEND\xaeB`\x82"), rel
 
 
+@pytest.mark.slow
 def test_an_export_killed_anywhere_never_leaves_a_lying_manifest_and_reruns(tiny_run, tmp_path):
     latest = os.readlink(EXPORTS / "latest") if (EXPORTS / "latest").is_symlink() else None
     run = EXPORTS / f"interrupted-export-{os.getpid()}"

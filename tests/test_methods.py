@@ -35,6 +35,7 @@ def new_runs():
         latest.symlink_to(old_latest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "orpo", "kto"])
 def test_each_method_lowers_its_loss_and_its_gguf_passes_smoke(method, new_runs):
     assert main([method, "tiny", "--set", f"{method}.max_steps={STEPS}", "--set", "export.gguf=[f16]"]) == 0
@@ -56,6 +57,7 @@ def test_each_method_lowers_its_loss_and_its_gguf_passes_smoke(method, new_runs)
     assert [r["passed"] for r in smoke["results"]] == [True]
 
 
+@pytest.mark.slow
 def test_reward_model_ranks_held_out_pairs_above_chance_and_scores_replies(new_runs, capsys):
     assert main(["reward", "tiny", "--set", f"reward.max_steps={STEPS}"]) == 0
     (run,) = new_runs("tiny-reward-")
@@ -70,6 +72,7 @@ def test_reward_model_ranks_held_out_pairs_above_chance_and_scores_replies(new_r
     assert polite > rude
 
 
+@pytest.mark.slow
 def test_sft_then_dpo_starts_dpo_from_the_sft_weights(new_runs):
     assert main(["train", "tiny-sft-dpo", "--set", "sft.max_steps=10", "--set", "dpo.max_steps=10",
                  "--set", "export.gguf=[f16]"]) == 0

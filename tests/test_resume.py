@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from safetensors.torch import load_file  # the adapter is bfloat16, which numpy has no type for
 
 from app import ROOT
@@ -14,6 +15,7 @@ from app.runs import EXPORTS
 from tests.conftest import TINY_STEPS, read_jsonl
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_adapter(tiny_run, tmp_path):
     latest = os.readlink(EXPORTS / "latest")
     before = set(EXPORTS.glob("tiny-*"))

@@ -9,7 +9,7 @@ def measures(**changes):
          "tokenizer_eos_id": 2, "prompt_mismatch": None,
          "probes": [{"prompt_tokens": 12, "hf_reply_tokens": 20, "matching_lead": 20, "chat_finish_reason": "stop"}],
          "max_abs_logit_diff": 0.1, "logit_scale": 20.0, "top1_agreement": 1.0, "decisive_top1": 1.0,
-         "greedy_lead_share": 1.0,
+         "top1_beyond_noise": 1.0, "greedy_lead_share": 1.0,
          "preference": {"agreement": 1.0, "agreement_beyond_ties": 1.0}}
     m.update(changes)
     return m
@@ -41,8 +41,16 @@ def test_a_broken_16_bit_file_fails():
         "f16", measures(preference={"agreement": 0.9, "agreement_beyond_ties": 0.93})))
 
 
-def test_quantized_files_are_held_to_their_own_thresholds():
+def test_quantized_files_are_judged_where_the_reference_is_clear_of_their_noise():
     assert smoke_verdict("q4_k_m", measures(max_abs_logit_diff=1.7, top1_agreement=0.96, decisive_top1=0.9,
-                                            greedy_lead_share=0.5)) == []
-    assert any("top-1 agreement" in p for p in smoke_verdict("q4_k_m", measures(top1_agreement=0.5)))
-    assert any("leading tokens" in p for p in smoke_verdict("q8_0", measures(greedy_lead_share=0.2)))
+                                            top1_beyond_noise=0.99, greedy_lead_share=0.5)) == []
+    # a near-flat reference (a random model): most tokens are coin flips under 4-bit noise, and say nothing
+    flat = [{"prompt_tokens": 12, "hf_reply_tokens": 48, "matching_lead": 2, "gap_at_divergence": 0.01,
+             "noise_at_divergence": 0.3}]
+    assert smoke_verdict("q4_k_m", measures(max_abs_logit_diff=1.0, top1_agreement=0.4, top1_beyond_noise=1.0,
+                                            probes=flat)) == []
+    assert any("top-1 agreement" in p for p in smoke_verdict("q4_k_m", measures(top1_beyond_noise=0.5)))
+    clear = [{"prompt_tokens": 12, "hf_reply_tokens": 48, "matching_lead": 2, "gap_at_divergence": 3.0,
+              "noise_at_divergence": 0.3}]
+    assert any("without a tie" in p for p in smoke_verdict("q8_0", measures(probes=clear)))
+    assert any("max logit difference" in p for p in smoke_verdict("q8_0", measures(max_abs_logit_diff=5.0)))

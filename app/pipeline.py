@@ -1,0 +1,133 @@
+"""One method's run, stage by stage: data -> model -> train -> export -> smoke -> report -> manifest -> latest.
+
+`train_recipe` chains a recipe's stages (each starts from the previous one's merged 16-bit weights) and
+resumes an interrupted run; `run_stage` is one method's run; `export_run_folder` and `check_run` redo the
+last stages of a finished run. Progress lines go to `log` (the CLI passes print); errors a user can fix
+are AppError, as everywhere.
+"""
+import dataclasses
+import time
+from pathlib import Path
+
+from app import AppError
+
+
+def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = None, log=print) -> Path:
+    """`train RECIPE` runs the recipe's stages; `sft|dpo|orpo|kto|reward RECIPE` runs that method (or the
+    recipe's stages when they end with it: `dpo tiny-sft-dpo` runs sft, then dpo from its merged weights).
+    Returns the last stage's run folder."""
+    from app.preflight import run_preflight
+    from app.recipe import load_recipe
+
+    t0 = time.time()
+    run, checkpoint = None, None
+    if resume:  # the run's own recipe (one stage), its folder, its newest complete checkpoint
+        from app.runs import last_checkpoint, resolve_run
+        run = resolve_run(resume, write=True)
+        if (run / "adapter").is_dir():
+            raise AppError(f"{run.name} finished training; to redo its export: python -m app export {run.name}")
+        checkpoint = last_checkpoint(run)
+        if checkpoint is None:
+            raise AppError(f"{run.name} has no complete checkpoint to resume from (one is written every "
+                           f"save_steps steps); start a new run")
+    recipe = load_recipe(str(run / "recipe.yaml") if run else recipe_arg, overrides)
+    run_preflight(recipe, log=log)  # seconds of checks before any model loads; model.auto_fit sets the batch
+    # a resumed run is one stage, its own method whichever command resumes it
+    stages = recipe.stages if resume or command == "train" or recipe.stages[-1] == command else [command]
+    for i, stage in enumerate(stages):
+        if i:  # each stage starts from the previous one's merged 16-bit weights
+            recipe = dataclasses.replace(recipe, model={**recipe.model, "name": str(run / "merged")})
+        if len(stages) > 1:
+            log(f"stage {i + 1}/{len(stages)}: {stage}")
+        run = run_stage(stage, dataclasses.replace(recipe, stages=[stage]), run if checkpoint else None, checkpoint,
+                        log=log)
+    log(f"done in {time.time() - t0:.0f}s: {run}\n  report: {run / 'report.md'}")
+    if stages[-1] != "reward":
+        log(f"  chat with it: make chat   (or: python -m app chat {run.name})")
+    return run
+
+
+def run_stage(method: str, recipe, run=None, checkpoint=None, log=print) -> Path:
+    """recipe -> data -> model -> train -> export -> smoke for one method; returns the run folder."""
+    from app.model import import_unsloth
+    import_unsloth()  # first: it patches transformers, TRL and PEFT on import (kto's data step imports TRL)
+    from app.data import load_training_data
+    from app.model import check_model_environment, load_model, load_reward_model, resolve_model_source
+    from app.recipe import save_recipe
+    from app.runs import create_run, write_json
+    from app.train import train, training_summary_lines
+
+    check_model_environment(recipe)  # GPU, model files, network: said before anything is loaded
+    data = load_training_data(recipe.data, method)
+    dropped = "".join(f", {n} dropped ({reason})" for reason, n in data.dropped.items())
+    log(f"data: {data.source} ({data.format}): {data.rows} rows{dropped} -> {len(data.train)} train, "
+        f"{len(data.eval) if data.eval is not None else 0} held out")
+    source = resolve_model_source(recipe)
+    model, tokenizer = (load_reward_model if method == "reward" else load_model)(recipe, source)
+
+    if checkpoint:
+        log(f"run folder: {run} (resuming from {checkpoint.name})")
+    else:
+        run = create_run(f"{recipe.name}-{method}")
+        log(f"run folder: {run}")
+    save_recipe(recipe, run / "recipe.yaml")
+    summary = train(method, model, tokenizer, data, recipe, run, resume_from=checkpoint)
+    write_json(run / "train.json", summary)
+    for line in training_summary_lines(summary):
+        log(line)
+    if method == "reward":  # a scorer, not a chat model: nothing to merge into a GGUF
+        from app.report import write_report
+        from app.runs import write_manifest
+        for line in write_report(run):
+            log(line)
+        write_manifest(run)
+        return run
+
+    from app.export import export_run
+    export_run(run, recipe, model, tokenizer, source, log=log)
+    del model  # the smoke test loads the merged weights; the training model's memory goes back first
+    check_run(run, recipe, log=log)
+    return run
+
+
+def export_run_folder(run: Path, log=print):
+    """`export RUN`: the run's base and adapter reloaded through Unsloth, then export and smoke."""
+    from app.export import export_run
+    from app.model import load_trained_model, resolve_model_source
+    from app.recipe import load_recipe
+
+    if not (run / "adapter").is_dir():
+        raise AppError(f"{run.name} has no adapter/ (its training did not finish)")
+    recipe = load_recipe(str(run / "recipe.yaml"))
+    if recipe.stages == ["reward"]:
+        raise AppError(f"{run.name} is a reward model: a scorer, not a chat model, so it has no GGUF export "
+                       f"(use it with: python -m app score {run.name} --prompt ... --response ...)")
+    model, tokenizer = load_trained_model(recipe, run / "adapter")
+    export_run(run, recipe, model, tokenizer, resolve_model_source(recipe), log=log)
+    del model
+    check_run(run, recipe, log=log)
+
+
+def check_run(run: Path, recipe, log=print):
+    """llama.cpp against the merged model, then the report and the manifest (written last);
+    `latest` moves only when every GGUF passes."""
+    import gc
+
+    import torch
+    from app.report import write_report
+    from app.runs import mark_latest, write_manifest
+    from app.smoke import smoke_run
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log("smoke: llama.cpp against the merged model")
+    results = smoke_run(run, recipe.export["probes"], log=log)
+    summary = write_report(run) if (run / "train.json").is_file() else []
+    write_manifest(run)
+    for line in summary:
+        log(line)
+    failed = [r for r in results if not r["passed"]]
+    if failed:
+        raise AppError("smoke test failed: " + "; ".join(f"{r['file']}: {r['reason']}" for r in failed))
+    mark_latest(run)

@@ -1,0 +1,56 @@
+"""app/gpucheck.py without a GPU: one line and exit 2; its recipe and its failure sentence. The dry run (the
+whole pipeline on the CPU, ~2-4 minutes) is not here: `bash bench/gpu/run.sh OUT --dry-run` runs it."""
+import json
+import os
+import subprocess
+import sys
+
+from app import ROOT
+from app.gpucheck import STEPS, failure_sentence, last_error, stage_seconds, write_recipe
+
+
+def test_without_a_gpu_one_error_line_and_exit_2():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU even on a machine that has one
+    proc = subprocess.run([sys.executable, "-m", "app.gpucheck"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: no CUDA GPU is visible to torch (")
+    assert "gpu-check needs one" in lines[0] and "make dpo" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_failure_sentence_names_the_stage_and_the_last_error_line():
+    lines = list(enumerate([
+        "ok: versions: all 106 pins in requirements.txt are installed", "data: x.jsonl: 300 rows", "run folder: /x",
+        "step    1/10 | loss 0.6931", "Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+        "RuntimeError: CUDA error: no kernel image is available for execution on the device"]))
+    assert failure_sentence(lines) == ("the train stage failed (CUDA): RuntimeError: CUDA error: no kernel image is "
+                                       "available for execution on the device")
+    app_error = [(0, "ok: versions: ..."), (1, "error: torch 2.11.0 is installed but requirements.txt pins "
+                                              "torch==2.13.0; fix: `make setup`"), (2, "")]
+    assert failure_sentence(app_error).startswith("the preflight stage failed (versions): torch 2.11.0 is installed")
+    assert last_error(["", "  something odd", ""]) == "something odd"
+
+
+def test_stage_seconds_from_the_marks():
+    lines = [(1.0, "ok: versions"), (3.0, "ok: converter"), (4.0, "data: rows"), (9.0, "run folder: /x"),
+             (20.0, "export: merging"), (22.0, "export: GGUF f16"), (30.0, "smoke: llama.cpp"), (41.0, "done in 41s")]
+    assert stage_seconds(lines) == {"startup": 1.0, "preflight": 3.0, "model load": 5.0, "train": 11.0, "merge": 2.0,
+                                    "GGUF export": 8.0, "smoke": 11.0}
+
+
+def test_its_recipe_loads_and_the_memory_planner_reads_it(tmp_path):
+    from app.memory import estimate_training_memory
+    from app.recipe import load_recipe
+    from app.shapes import SHAPES
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(SHAPES["gpu-check"]))
+    recipe = load_recipe(str(write_recipe(tmp_path / "gpu-check.yaml", model, dry_run=False)))
+    assert recipe.model["load_in_4bit"] is True and recipe.model["dtype"] is None
+    assert recipe.dpo["max_steps"] == STEPS == 10 and recipe.dpo["max_length"] == 512
+    assert recipe.export["gguf"] == ["f16", "q4_k_m"]
+    assert 1.0 < estimate_training_memory(recipe).total < 4.0  # GiB: 0.14B, mostly embeddings, + 1 GiB of context
