@@ -257,6 +257,10 @@ def _check_types(r: Recipe):
     for method in METHODS:
         annotations = trl_config_types(method)
         checks += [(f"{method}.{k}", v, annotations[k]) for k, v in getattr(r, method).items() if annotations.get(k)]
+        for k, v in getattr(r, method).items():  # YAML 1.1 reads no/yes/on/off as booleans
+            if isinstance(v, bool) and k in trl_text_fields(method):
+                raise AppError(f"{r.path}: {method}.{k} must be text, got {v!r} (YAML reads no, yes, on and off as "
+                               f"false/true: quote it, e.g. {k}: \"no\")")
     positive = {f"{s}.{f.name}" for s in OURS for f in dataclasses.fields(OURS[s]) if f.metadata.get("positive")}
     for key, value, kinds in checks:
         ok = any(isinstance(value, k) and not (k in (int, float) and isinstance(value, bool))
@@ -286,6 +290,19 @@ def trl_config_types(method: str) -> dict:
                 types[n.target.id] = tuple(plain[p] for p in parts) if all(p in plain for p in parts) else None
         name = next((b.id for b in classes[name].bases if isinstance(b, ast.Name)), None)
     return {k: v for k, v in types.items() if v}
+
+
+def trl_text_fields(method: str) -> set[str]:
+    """Fields of a method's TRL config that take text (an enum's name, e.g. eval_strategy) and no boolean."""
+    classes, fields, name = _trl_classes(method), set(), METHODS[method][1]
+    while name in classes:
+        for n in classes[name].body:
+            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name):
+                text = ast.unparse(n.annotation)
+                if re.search(r"\bstr\b", text) and not re.search(r"\bbool\b", text):
+                    fields.add(n.target.id)
+        name = next((b.id for b in classes[name].bases if isinstance(b, ast.Name)), None)
+    return fields
 
 
 @functools.cache

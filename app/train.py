@@ -67,7 +67,10 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
         # PEFT saves the trained adapter at the checkpoint's root and TRL's frozen "ref" copy in ref/; when a
         # checkpoint has adapter sub-folders Trainer loads only those (transformers#30505), so the trained
         # adapter would silently restart from its initial weights. Load it here; Trainer then loads ref/.
-        model.load_adapter(str(resume_from), model.active_adapter, is_trainable=True)
+        # autocast_adapter_dtype=False: keep the dtype the trainer gave the adapter (TRL trains a 4-bit
+        # model's LoRA in bfloat16, QLoRA's recipe); PEFT's default would upcast it to float32 and the
+        # resumed run would take other steps than the uninterrupted one
+        model.load_adapter(str(resume_from), model.active_adapter, is_trainable=True, autocast_adapter_dtype=False)
     elif data.eval is not None:
         trainer.evaluate()  # TRL's eval metrics at step 0: where the eval curves start
 

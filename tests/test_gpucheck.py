@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from app import ROOT
 from app.gpucheck import STEPS, failure_sentence, last_error, stage_seconds, write_recipe
 
@@ -54,3 +56,12 @@ def test_its_recipe_loads_and_the_memory_planner_reads_it(tmp_path):
     assert recipe.dpo["max_steps"] == STEPS == 10 and recipe.dpo["max_length"] == 512
     assert recipe.export["gguf"] == ["f16", "q4_k_m"]
     assert 1.0 < estimate_training_memory(recipe).total < 4.0  # GiB: 0.14B, mostly embeddings, + 1 GiB of context
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gpu_path_passes_on_this_gpu():
+    """On a GPU machine the suite runs the check itself: 4-bit load, LoRA, DPO, merge, GGUF, smoke."""
+    from app.gpucheck import run_gpu_check
+    report = run_gpu_check()
+    assert report["result"] == "PASS", report["reason"]
