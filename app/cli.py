@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("gpu-check", help="the whole GPU path on a tiny random Llama-3-shaped model, in minutes")
     p.add_argument("--dry-run", action="store_true", help="the same path on the CPU (to test the check itself)")
     p.add_argument("--out", type=Path, help="also write the report as JSON to this file")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds the pipeline may take (default %(default)s)")
+    p.add_argument("--keep", action="store_true", help="keep the check's run folder in exports/ (about 0.7 GB)")
     args = parser.parse_args(argv)
     if not sys.stderr.isatty():  # progress bars garble logs and CI output; our own lines say the same
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -246,7 +248,7 @@ def cmd_setup(args):
 
 def cmd_gpu_check(args):
     from app.gpucheck import run_gpu_check
-    report = run_gpu_check(dry_run=args.dry_run, out=args.out)
+    report = run_gpu_check(dry_run=args.dry_run, out=args.out, timeout=args.timeout, keep=args.keep)
     if report["result"] != "PASS":
         raise AppError(f"gpu-check: {report['reason']}")
 

@@ -35,7 +35,7 @@ def held_out_pairs(rows, tokenizer, max_pairs: int, max_length: int | None) -> t
     return pairs, too_long
 
 
-LOGITS_BYTES = 2**29  # a scoring batch's float32 logits stay under this: 512 MiB (1 sequence of 1,000 at 128k vocab)
+LOGITS_BYTES = 2**27  # a scoring batch's float32 logits stay under this: 128 MiB (256 tokens at a 128k vocabulary)
 
 
 def score_pairs_hf(model, pairs) -> list[list[float]]:

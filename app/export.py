@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app import AppError
 from app.gguf import CHAT_PREFERENCE, CONVERTED, QUANTIZED
-from app.llamacpp import prepare_tokenizer_for_converter, run_converter
+from app.llamacpp import prepare_tokenizer_for_converter, run_converter, run_quantizer
 from app.ollama import modelfile_template, write_modelfile
 from app.runs import discard_manifest, disk_full, write_manifest
 
@@ -26,7 +26,8 @@ from app.runs import discard_manifest, disk_full, write_manifest
 BASE_GGUF = Path("base-gguf") / "base-f16.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
-SHARD_BYTES = 2 * 2**30  # merged safetensors shards: what the merge holds in host memory at once
+SHARD_BYTES = 2**28  # merged safetensors shards of 256 MiB: what the merge holds in host memory at once
+ROWS_BYTES = 2**24   # the check compares a tensor 16 MiB (of float32) at a time
 # a merged weight may differ from the exact float32 merge by at most this many units in the last place of
 # its 16-bit dtype (see weight_error): rounding gives at most 0.5; a lost or mis-scaled adapter its own size
 MERGE_ULPS = 1.0
@@ -37,7 +38,8 @@ def export_run(run: Path, recipe, model, tokenizer, base_source: str, log=print)
     discard_manifest(run)  # files are rewritten from here on: the run is incomplete until the manifest is back
     dtype = merged_dtype(base_source)
     check_room_for_export(run, model, recipe.export["gguf"])
-    log(f"export: merging the adapter into {dtype} weights (the base as trained, dequantized if it was 4-bit)")
+    log(f"export: merging the adapter into {str(dtype).removeprefix('torch.')} weights (the base as trained, "
+        f"dequantized if it was 4-bit)")
     merge_adapter(model, tokenizer, run / "merged", base_source, dtype)
     merge = check_merged_weights(model, run / "merged")
     log(f"  {merge['summary']}")
@@ -89,8 +91,9 @@ def merged_dtype(base_source: str):
 
 
 def trained_tensors(model, exact: bool = False):
-    """(name, base, delta) in float32 for every weight of the trained model as one plain model, in
-    checkpoint names; the trained weight is base + delta (delta None where there is no adapter).
+    """(name, base, delta) for every weight of the trained model as one plain model, in checkpoint names;
+    the trained weight is base + delta (delta None where there is no adapter, and base then as it is held,
+    so that an embedding matrix is not copied to float32; float32 where there is a delta).
 
     A LoRA layer's base is its weight as the forward pass sees it (a 4-bit one dequantized); its delta is
     PEFT's own `get_delta_weight`, or with `exact` lora_B @ lora_A * scaling computed here, independently,
@@ -118,7 +121,7 @@ def trained_tensors(model, exact: bool = False):
         elif type(param).__name__ == "Params4bit":  # a quantized layer without LoRA
             yield f"{name}.{leaf}", dequantize_module_weight(inner.get_submodule(owner)).float(), None
         else:
-            yield f"{name}.{leaf}", param.detach().float(), None
+            yield f"{name}.{leaf}", param.detach(), None
 
 
 def merge_adapter(model, tokenizer, out: Path, base_source: str, dtype):
@@ -134,7 +137,7 @@ def merge_adapter(model, tokenizer, out: Path, base_source: str, dtype):
     try:
         shards, shard, size = [], {}, 0
         for name, base, delta in trained_tensors(model):
-            shard[name] = (base if delta is None else base + delta).to(dtype).cpu().contiguous()
+            shard[name] = (base if delta is None else base.float() + delta).to(dtype).cpu().contiguous()
             size += shard[name].nbytes
             if size >= SHARD_BYTES:
                 shards.append(_write_shard(tmp, len(shards), shard, save_file))
@@ -225,9 +228,8 @@ def check_merged_weights(model, merged: Path) -> dict:
         if name not in where:
             stats.append({"name": name, "missing": True})
             continue
-        with safe_open(str(where[name]), "pt", device=str(base.device)) as f:
-            saved = f.get_tensor(name)
-        stats.append(weight_error(name, saved, base, delta))
+        with safe_open(str(where[name]), "pt") as f:
+            stats.append(weight_error(name, f.get_slice(name), base, delta))
         seen.add(name)
     stats += [{"name": n, "unexpected": True} for n in where if n not in seen]
     verdict = merge_verdict(stats)
@@ -240,21 +242,29 @@ def weight_error(name: str, saved, base, delta) -> dict:
     """How far a saved 16-bit tensor is from the exact float32 merge base + delta, in units of its dtype's
     spacing (ulp) at the merged value plus the spacing at the delta: PEFT rounds the delta to the adapter's
     dtype before it is added, and where base and delta nearly cancel that rounding is all that is left.
-    Also how many of the tensor's 16-bit values the adapter changed at all."""
+    Also how many of the tensor's 16-bit values the adapter changed at all. `saved` is a tensor or a
+    safetensors slice, read ROWS_BYTES at a time, so a 128k-token embedding is never held twice."""
     import torch
 
-    def spacing(x):  # of the 16-bit numbers at |x|
-        x = x.to(saved.dtype).float().abs()
+    def spacing(x, dtype):  # of the 16-bit numbers at |x|
+        finfo = torch.finfo(dtype)
+        x = x.to(dtype).float().abs()
         return torch.clamp(torch.exp2(torch.floor(torch.log2(x))) * finfo.eps, min=float(finfo.tiny) * finfo.eps)
 
-    finfo = torch.finfo(saved.dtype)
-    exact = base if delta is None else base + delta
-    if tuple(saved.shape) != tuple(exact.shape):
-        return {"name": name, "max_ulps": float("inf"), "numel": exact.numel(), "changed": 0, "shape_ok": False}
-    allowed = spacing(exact) + (0 if delta is None else spacing(delta))
-    error = ((saved.float() - exact).abs() / allowed).max().item() if exact.numel() else 0.0
-    changed = 0 if delta is None else int((exact.to(saved.dtype) != base.to(saved.dtype)).sum())
-    return {"name": name, "max_ulps": error, "numel": exact.numel(), "changed": changed, "shape_ok": True}
+    shape = tuple(saved.shape) if hasattr(saved, "shape") else tuple(saved.get_shape())
+    if shape != tuple(base.shape) or not shape:
+        return {"name": name, "max_ulps": float("inf"), "numel": base.numel(), "changed": 0, "shape_ok": False}
+    error, changed = 0.0, 0
+    step = max(1, ROWS_BYTES // (4 * max(1, base.numel() // shape[0])))
+    for start in range(0, shape[0], step):
+        rows = slice(start, start + step)
+        got = saved[rows].to(base.device)
+        exact = base[rows].float() if delta is None else base[rows].float() + delta[rows]
+        allowed = spacing(exact, got.dtype) + (0 if delta is None else spacing(delta[rows], got.dtype))
+        error = max(error, ((got.float() - exact).abs() / allowed).max().item())
+        if delta is not None:
+            changed += int((exact.to(got.dtype) != base[rows].to(got.dtype)).sum())
+    return {"name": name, "max_ulps": error, "numel": base.numel(), "changed": changed, "shape_ok": True}
 
 
 def merge_verdict(stats: list[dict], max_ulps: float = MERGE_ULPS) -> dict:
@@ -296,12 +306,8 @@ def load_reference_model(model_dir: Path):
 
 
 def convert_to_gguf(merged: Path, out_dir: Path, stem: str, types, log=print) -> dict:
-    """{type: path} for every requested GGUF type; each file appears only when complete."""
-    import logging
-
-    import llama_cpp
-
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # the quantizer logs every tensor
+    """{type: path} for every requested GGUF type; each file appears only when complete. The converter and
+    the quantizer run in child processes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".*.gguf.tmp"):  # left by an export that was killed
         stale.unlink()
@@ -317,11 +323,7 @@ def convert_to_gguf(merged: Path, out_dir: Path, stem: str, types, log=print) ->
     for t in [t for t in types if t in QUANTIZED]:
         t0 = time.time()
         final, tmp = out_dir / f"{stem}-{t}.gguf", out_dir / f".{stem}-{t}.gguf.tmp"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, QUANTIZED[t])
-        params.nthread = 0
-        if llama_cpp.llama_model_quantize(str(made[base_type]).encode(), str(tmp).encode(), params) != 0:
-            tmp.unlink(missing_ok=True)
+        if not run_quantizer(made[base_type], tmp, QUANTIZED[t]):
             full = shutil.disk_usage(out_dir).free < made[base_type].stat().st_size
             raise AppError(f"llama.cpp could not quantize {made[base_type].name} to {t}"
                            + (": the disk is (nearly) full; free some space and export again" if full else ""))

@@ -22,7 +22,6 @@ its memory figure is then the process's peak RSS, not GPU memory.
 When llama-cpp-python is not installed (an offline GPU machine without a wheel for its Python), the check
 stops at once and the report says llama.cpp is missing.
 """
-import argparse
 import contextlib
 import importlib.metadata
 import importlib.util
@@ -545,26 +544,14 @@ def llama_cpp_state(versions: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m app.gpucheck", description="The app's whole GPU path (4-bit load, LoRA, 10 DPO steps, merge, GGUF f16 + q4_k_m, smoke) on a tiny random Llama-3-shaped model, "
-                                "with its figures; exit 0 on PASS, 1 on FAIL, 2 without a GPU.")
-    p.add_argument("--dry-run", action="store_true", help="the same path on the CPU (Unsloth's CPU backend)")
-    p.add_argument("--out", type=Path, help="write the report as JSON to this file")
-    p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds the pipeline may take (default %(default)s)")
-    p.add_argument("--keep", action="store_true", help="keep the run folder in exports/ (about 0.7 GB)")
-    p.add_argument("--internal-probe", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    try:
-        if args.internal_probe:
-            probe(Path(args.internal_probe))
-            return 0
-        report = run_gpu_check(dry_run=args.dry_run, out=args.out, timeout=args.timeout, keep=args.keep)
-    except AppError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0 if report["result"] == "PASS" else 1
+    """`python -m app.gpucheck ARGS` is `python -m app gpu-check ARGS` (bench/gpu/run.sh calls it so); with
+    --internal-probe it is the probe child that run_gpu_check starts."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--internal-probe"]:
+        probe(Path(argv[1]))
+        return 0
+    from app.cli import main as cli
+    return cli(["gpu-check", *argv])
 
 
 if __name__ == "__main__":

@@ -120,5 +120,28 @@ def prepare_tokenizer_for_converter(model_dir: Path, base_source: str):
             config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-if __name__ == "__main__":
+def quantize(source: Path, out: Path, ftype: str) -> int:
+    """llama.cpp's quantizer through the binding (no separate binary): `ftype` is a llama_cpp constant's name,
+    e.g. LLAMA_FTYPE_MOSTLY_Q4_K_M. Returns llama_model_quantize's status (0: done)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype)
+    params.nthread = 0
+    return llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
+
+
+def run_quantizer(source: Path, out: Path, ftype: str) -> bool:
+    """quantize() in a child process, as the converter runs: the quantizer maps the whole source file and
+    its buffers, which then never count against the exporting process's memory. True when it succeeded."""
+    proc = subprocess.run([sys.executable, "-m", "app.llamacpp", "quantize", str(source), str(out), ftype],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        out.unlink(missing_ok=True)
+    return proc.returncode == 0
+
+
+if __name__ == "__main__":  # python -m app.llamacpp [quantize SOURCE OUT FTYPE]
+    if sys.argv[1:2] == ["quantize"]:
+        sys.exit(quantize(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]))
     fetch_converter()

@@ -43,7 +43,6 @@ NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit weights + an 8-bit absmax per 6
 FUSED_TILE = (4096, 32768)  # tokens x vocabulary of one tile of TRL's fused LM head (trl/kernels/chunked_logprob.py)
 REFERENCE_METHODS = {"dpo", "kto"}  # TRL runs a reference pass (the model with its adapters off) for these
 PAIRED_METHODS = {"dpo", "orpo", "reward"}  # chosen and rejected go through the model in one batch
-TRAINER_DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "max_length": 1024}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +138,10 @@ def training_section(recipe) -> dict:
 
 
 def train_setting(recipe, key):
-    return training_section(recipe).get(key) or TRAINER_DEFAULTS[key]
+    """The recipe's value of a TRL config field, else TRL's own default for it."""
+    from app.recipe import trl_config_default
+    value = training_section(recipe).get(key)
+    return value if value is not None else trl_config_default(training_method(recipe), key)
 
 
 def fused_lm_head() -> bool:

@@ -43,7 +43,7 @@ from pathlib import Path
 from app import ROOT, AppError
 from app import llamacpp
 from app.memory import (GiB, architecture, estimate_training_memory, fit_to_memory, model_folder, parse_params,
-                        training_section)
+                        train_setting, training_section)
 from app.model import is_path, local_folder, offline
 
 REQUIREMENTS = ROOT / "requirements.txt"
@@ -233,7 +233,7 @@ def disk_needed(recipe, arch, params: float, train_rows: int | None) -> dict:
     dpo = training_section(recipe)
     lora = arch.lora_params(recipe.lora["r"], recipe.lora["target_modules"]) if arch else 0
     optimizer = 2 if "8bit" in str(dpo.get("optim", "")) else 8
-    batch = (dpo.get("per_device_train_batch_size") or 8) * (dpo.get("gradient_accumulation_steps") or 1)
+    batch = train_setting(recipe, "per_device_train_batch_size") * train_setting(recipe, "gradient_accumulation_steps")
     steps = dpo.get("max_steps") or 0
     if steps <= 0 and train_rows:
         steps = round(dpo.get("num_train_epochs", 3) * -(-train_rows // batch))
@@ -272,8 +272,8 @@ def evaluation_tokens(recipe, train_rows: int | None) -> dict:
     every example, steps x effective batch), held-out evaluation (every pair before and after training) and
     smoke (the merged reference and each GGUF score every pair, plus the probes)."""
     section = training_section(recipe)
-    length = section.get("max_length") or 1024
-    batch = (section.get("per_device_train_batch_size") or 8) * (section.get("gradient_accumulation_steps") or 1)
+    length = train_setting(recipe, "max_length")
+    batch = train_setting(recipe, "per_device_train_batch_size") * train_setting(recipe, "gradient_accumulation_steps")
     steps = section.get("max_steps") or 0
     if steps <= 0:
         steps = round(section.get("num_train_epochs", 3) * -(-(train_rows or 0) // batch))

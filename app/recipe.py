@@ -211,7 +211,7 @@ def _check_values(r: Recipe):
         raise AppError(f"{where} data.source is required (a hub dataset id or a local .jsonl/.json/.csv/.parquet)")
     _check_types(r)
     for method in ("dpo", "orpo", "kto"):
-        beta = getattr(r, method).get("beta", 0.1)
+        beta = getattr(r, method).get("beta", trl_config_default(method, "beta"))
         if not isinstance(beta, (int, float)) or beta <= 0:
             raise AppError(f"{where} {method}.beta must be a positive number, got {beta!r}")
     losses = r.dpo.get("loss_type", ["sigmoid"])
@@ -290,6 +290,19 @@ def trl_config_types(method: str) -> dict:
                 types[n.target.id] = tuple(plain[p] for p in parts) if all(p in plain for p in parts) else None
         name = next((b.id for b in classes[name].bases if isinstance(b, ast.Name)), None)
     return {k: v for k, v in types.items() if v}
+
+
+def trl_config_default(method: str, key: str):
+    """A field's default in a method's TRL config (subclass first), read from its source: the one place the
+    app learns e.g. DPOConfig's beta or max_length when a recipe leaves them out."""
+    classes, name = _trl_classes(method), METHODS[method][1]
+    while name in classes:
+        for n in classes[name].body:
+            if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", None) == key and n.value is not None:
+                default = next((k.value for k in getattr(n.value, "keywords", []) if k.arg == "default"), n.value)
+                return ast.literal_eval(default)
+        name = next((b.id for b in classes[name].bases if isinstance(b, ast.Name)), None)
+    raise KeyError(f"{METHODS[method][1]} has no field {key}")
 
 
 def trl_text_fields(method: str) -> set[str]:

@@ -57,6 +57,8 @@ def parse_args():
     p.add_argument("--steps", type=int, help="steps per run, warm-up included (default 10 tiny, 20 GPU)")
     p.add_argument("--warmup", type=int, help="first steps left out of the figures (default 2 tiny, 3 GPU)")
     p.add_argument("--rounds", type=int, default=2, help="A B pairs per max_length")
+    p.add_argument("--layers", type=int, help="cut the shape to this many decoder layers (per-layer speed and "
+                   "memory are the full model's; e.g. --shape llama3-8b --layers 4 fits one short GPU run)")
     p.add_argument("--data", choices=["tiny", "synthetic"], help="tiny: recipes/data/tiny_prefs.jsonl; "
                    "synthetic: pairs that fill max_length (default tiny for tiny, synthetic on GPU)")
     p.add_argument("--arms", nargs="+", choices=["unsloth", "baseline"], default=["unsloth", "baseline"])
@@ -101,6 +103,7 @@ def build(args, work: Path):
     tokenizer = AutoTokenizer.from_pretrained(str(ensure_tiny_model()))
     s = dict(SHAPES[args.shape])
     s["vocab"] = s["vocab"] or len(tokenizer)
+    s["layers"] = args.layers or s["layers"]
     config = LlamaConfig(
         vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
         num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
@@ -285,7 +288,7 @@ def make_trainer(model, tokenizer, data, args, work: Path, timer):
 
 def child(args, work: Path, *extra) -> list[str]:
     common = ["--shape", args.shape, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
-              str(args.warmup), "--data", args.data, "--work", str(work)]
+              str(args.warmup), "--data", args.data, "--work", str(work), *(["--layers", str(args.layers)] if args.layers else [])]
     return [sys.executable, __file__, *common, *extra]
 
 

@@ -11,7 +11,7 @@ projections) saved by PEFT. Then, each step in its own process so its peak RSS i
   copy     shutil.copyfile of the base's safetensors: the floor for any step that writes that many bytes
   merge    the app's path: app.model.load_trained_model (Unsloth, base + adapter) + app.export.merge_adapter
   f16      app.export.convert_to_gguf(..., ["f16"]): llama.cpp's convert_hf_to_gguf.py in a subprocess
-  q8_0     llama_cpp.llama_model_quantize from the f16 file, as app.export.convert_to_gguf calls it
+  q8_0     app.llamacpp.quantize from the f16 file, as app.export.convert_to_gguf runs it
   q4_k_m   the same, to q4_k_m
 All work happens in a temporary folder under /tmp, removed at the end (--keep keeps it).
 """
@@ -127,15 +127,11 @@ def step_f16(args, work: Path) -> dict:
 
 def step_quantize(args, work: Path, gguf_type: str) -> dict:
     """The quantize call of app.export.convert_to_gguf, alone (that function would run the converter again)."""
-    import llama_cpp
-
     from app.gguf import QUANTIZED
+    from app.llamacpp import quantize
 
     src, out = work / "gguf" / "bench-f16.gguf", work / "gguf" / f"bench-{gguf_type}.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, QUANTIZED[gguf_type])
-    params.nthread = 0  # as the app: llama.cpp picks (all cores)
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params) != 0:
+    if quantize(src, out, QUANTIZED[gguf_type]) != 0:
         raise RuntimeError(f"llama.cpp could not quantize {src.name} to {gguf_type}")
     return {"output_bytes": out.stat().st_size}
 

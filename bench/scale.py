@@ -26,10 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, append_section, context, format_table, load_average, tail  # noqa: E402
 
 SHAPE = "scale"
-# the app's output line that starts each stage -> the stage's name
-MARKS = [("run folder:", "load: data, model"), ("eval at step 0", "train"), ("held-out preference", "evaluate + replies"),
+# the app's output line that starts each stage -> the stage's name; training ends at its last "step" line
+MARKS = [("ok: ", "preflight"), ("data:", "load: data, model"), ("run folder:", "evaluate before"),
+         ("eval at step 0", "train"), ("held-out preference", "report training"),
          ("export: merging", "merge + check"), ("export: GGUF", "GGUF convert + quantize"),
          ("smoke:", "smoke"), ("model:", "report + manifest")]
+AFTER_TRAINING = "evaluate after"  # from the last "step N/N" line to "held-out preference"
 
 
 def parse_args():
@@ -98,6 +100,9 @@ def stages(lines, samples) -> dict:
         for mark, stage in MARKS:
             if text.startswith(mark) and stage not in (s for _, s in starts):
                 starts.append((t, stage))
+    last_step = max((t for t, text in lines if text.startswith("step ")), default=None)
+    if last_step is not None:
+        starts = sorted(starts + [(last_step + 1e-6, AFTER_TRAINING)])
     end = lines[-1][0] if lines else 0.0
     out = {}
     for (t, stage), (nxt, _) in zip(starts, starts[1:] + [(end, None)]):
@@ -108,14 +113,15 @@ def stages(lines, samples) -> dict:
 
 def tokens(run: Path) -> dict:
     """Tokens each stage processed: training (chosen + rejected, policy and reference), held-out evaluation
-    (every pair, before and after), smoke (the merged reference and each GGUF: probes and pairs)."""
+    (every pair, before and after; the probes' greedy replies are not counted), smoke (the merged reference
+    and each GGUF: probes and pairs)."""
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     seen = max((r.get("num_input_tokens_seen", 0) for r in metrics), default=0)
     pairs = json.loads((run / "preference_eval.json").read_text())["pairs"]
     pair_tokens = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
     smoke = json.loads((run / "smoke.json").read_text())["results"]
     probe_tokens = sum(p["prompt_tokens"] + 2 * p["hf_reply_tokens"] for p in smoke[0]["probes"]) if smoke else 0
-    return {"train": seen, "evaluate": 2 * pair_tokens,
+    return {"train": seen, "evaluate before": pair_tokens, AFTER_TRAINING: pair_tokens,
             "smoke": (1 + len(smoke)) * (pair_tokens + probe_tokens)}
 
 
@@ -170,7 +176,7 @@ def main():
     for r in results:
         toks = r.get("tokens", {})
         for stage, (seconds, peak) in r["stages"].items():
-            key = {"train": "train", "evaluate + replies": "evaluate", "smoke": "smoke"}.get(stage)
+            key = stage if stage in toks else None
             rows.append([r["run"], stage, f"{seconds:.1f}", f"{peak:.2f}", f"{toks.get(key, 0):,}" if key else "",
                          f"{toks[key] / max(seconds, 1e-9):,.0f}" if key and toks.get(key) else ""])
         rows.append([r["run"], "whole process", f"{r['wall_s']:.1f}", f"{r['peak_rss_gib']:.2f}", "", ""])
