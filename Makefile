@@ -22,6 +22,9 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF
 ifeq ($(GPU),1)
 LLAMA_CMAKE_ARGS += -DGGML_CUDA=on
+GPU_NOTE := @echo "GPU=1: llama.cpp built with CUDA; bitsandbytes' wheel carries its CUDA libraries; no xformers: none is built for torch 2.13 (0.0.35 is for torch 2.10), so Unsloth uses PyTorch's SDPA. Next: make gpu-check"
+else
+GPU_NOTE := @:
 endif
 # pip's own wheel cache ignores CMAKE_ARGS (it would hand a CPU build to GPU=1), so built wheels are kept
 # per set of flags here.
@@ -44,8 +47,7 @@ $(READY): requirements.txt
 	$(VENV)/bin/pip install --quiet --no-deps --force-reinstall $(LLAMA_WHEELS)/*.whl
 	$(VENV)/bin/pip install --quiet --no-deps -r requirements.txt
 	$(PY) -m app setup
-	@$(if $(filter 1,$(GPU)),echo "GPU=1: llama.cpp built with CUDA; bitsandbytes' wheel carries its CUDA libraries; no xformers: \
-	  none is built for torch 2.13 (0.0.35 is for torch 2.10), so Unsloth uses PyTorch's SDPA. Next: make gpu-check",:)
+	$(GPU_NOTE)
 	touch $@
 
 # one target per method; a recipe whose stages end with it runs them all (make dpo MODEL=tiny-sft-dpo)
