@@ -74,8 +74,7 @@ def check_model_files(recipe):
         raise AppError(f"model folder {name} does not exist (model.name is a hub id like org/name, a local "
                        f"folder, or 'tiny')")
     elif is_cached(name):
-        from huggingface_hub import try_to_load_from_cache
-        check_quantization(json.loads(Path(try_to_load_from_cache(name, "config.json")).read_text()), name)
+        check_quantization(json.loads((local_model_folder(name) / "config.json").read_text()), name)
         if not recipe.model.get("allow_pickle"):
             check_cached_weights(name)
 
@@ -157,8 +156,9 @@ def local_model_folder(name: str) -> Path | None:
     if name == "tiny":
         from app.tiny import CACHE
         return CACHE if (CACHE / "config.json").is_file() else None
-    if local_folder(name):
-        return local_folder(name)
+    folder = local_folder(name)
+    if folder:
+        return folder
     if not is_path(name):
         from huggingface_hub import try_to_load_from_cache
         cached = try_to_load_from_cache(name, "config.json")
