@@ -36,6 +36,7 @@ MERGE_ULPS = 1.0
 def export_run(run: Path, recipe, model, tokenizer, base_source: str, log=print) -> dict:
     """The stage: merged/ and gguf/ in the run folder, then the manifest. Returns the merge check."""
     discard_manifest(run)  # files are rewritten from here on: the run is incomplete until the manifest is back
+    return_large_blocks_on_free()
     dtype = merged_dtype(base_source)
     check_room_for_export(run, model, recipe.export["gguf"])
     log(f"export: merging the adapter into {str(dtype).removeprefix('torch.')} weights (the base as trained, "
@@ -56,6 +57,25 @@ def export_run(run: Path, recipe, model, tokenizer, base_source: str, log=print)
         ", no TEMPLATE (this chat template's family is not translated; Ollama will use its default)"))
     write_manifest(run)
     return merge
+
+
+def return_large_blocks_on_free():
+    """From here on, glibc serves every block over 128 KiB with its own mmap, given back when freed.
+
+    glibc starts that way but raises the threshold (up to 32 MiB) each time such a block is freed; then the
+    merge's per-tensor float32 temporaries come from the heap, between the shard's kept 16-bit tensors,
+    and are not given back. Measured on the scale model in bf16: +1.12 GiB of heap to build one 257 MiB
+    shard, against +0.26 GiB with the threshold fixed. Not set for training, which it slows by 20% on a
+    CPU. Elsewhere than glibc (macOS, musl) there is nothing to set."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)  # what training freed goes back now, not at the next shard
+    except (OSError, AttributeError):
+        pass
 
 
 def check_room_for_export(run: Path, model, types):
