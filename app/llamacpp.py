@@ -32,19 +32,30 @@ def runtime_version() -> str:
         raise AppError("llama-cpp-python is not installed; run `make setup`") from None
 
 
-def converter_version() -> str | None:
-    stamp = HOME / "VERSION"
-    return stamp.read_text().strip() if stamp.exists() and CONVERTER.exists() else None
+def converter_version(home: Path = HOME) -> str | None:
+    stamp = home / "VERSION"
+    return stamp.read_text().strip() if stamp.exists() and (home / CONVERTER.name).exists() else None
 
 
-def check_converter():
-    """AppError unless the converter is present and of the runtime's release."""
-    have, want = converter_version(), runtime_version()
-    if have is None:
-        raise AppError(f"the llama.cpp converter is missing from {HOME}; run `make setup`")
+def check_converter(home: Path = HOME):
+    """AppError unless the converter (script, conversion/ and gguf-py/) is in `home` and of the runtime's
+    release, so that its GGUF files load in the runtime."""
+    missing = [name for name in (CONVERTER.name, "conversion", "gguf-py", "VERSION") if not (home / name).exists()]
+    if missing:
+        raise AppError(f"llama.cpp's converter is missing from {home} (no {missing[0]}), so export could not make "
+                       f"a GGUF; fix: `make setup` (or `python -m app setup`) unpacks it")
+    have, want = converter_version(home), runtime_version()
     if have != want:
-        raise AppError(f"the llama.cpp converter in {HOME} is from llama-cpp-python {have} but {want} is "
-                       f"installed; run `make setup` to fetch the matching one")
+        raise AppError(f"the llama.cpp converter in {home} is from llama-cpp-python {have} but {want} is installed, "
+                       f"so its GGUF files may not load in the runtime; fix: `make setup` fetches the matching one")
+
+
+class ConverterFailed(AppError):
+    """The converter exited with an error; `tail` holds its last lines (e.g. an unknown BPE pre-tokenizer)."""
+
+    def __init__(self, message: str, tail: list[str]):
+        super().__init__(message)
+        self.tail = tail
 
 
 def fetch_converter():
@@ -73,16 +84,17 @@ def fetch_converter():
     print(f"llama.cpp converter {version} unpacked in {HOME}")
 
 
-def run_converter(model_dir: Path, outfile: Path, outtype: str) -> str:
-    """convert_hf_to_gguf.py MODEL --outfile OUT --outtype TYPE in a subprocess; returns its log.
-
-    AppError with the converter's last lines when it fails (e.g. an unknown BPE pre-tokenizer)."""
-    check_converter()
+def run_converter(model_dir: Path, outfile: Path, outtype: str | None = None, vocab_only: bool = False,
+                  home: Path = HOME) -> str:
+    """convert_hf_to_gguf.py MODEL --outfile OUT [--outtype TYPE] [--vocab-only] in a subprocess; returns
+    its log. ConverterFailed with the converter's last lines when it fails."""
+    check_converter(home)
     # the converter puts its own gguf-py (same commit) ahead of any installed gguf package by itself
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("NO_LOCAL_GGUF", None)
-    proc = subprocess.run([sys.executable, str(CONVERTER), str(model_dir), "--outfile", str(outfile),
-                           "--outtype", outtype], capture_output=True, text=True, env=env)
+    options = (["--outtype", outtype] if outtype else []) + (["--vocab-only"] if vocab_only else [])
+    proc = subprocess.run([sys.executable, str(home / CONVERTER.name), str(model_dir), "--outfile", str(outfile),
+                           *options], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         outfile.unlink(missing_ok=True)
         tail = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-3:]
@@ -91,7 +103,7 @@ def run_converter(model_dir: Path, outfile: Path, outtype: str) -> str:
         if full:
             raise AppError(f"llama.cpp's converter could not write {outfile.name}: {full}; free some disk space "
                            f"and export again")
-        raise AppError(f"llama.cpp's converter failed on {model_dir}: {' | '.join(tail)}")
+        raise ConverterFailed(f"llama.cpp's converter failed on {model_dir}: {' | '.join(tail)}", tail)
     return proc.stderr
 
 

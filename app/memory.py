@@ -137,6 +137,13 @@ def training_section(recipe) -> dict:
     return getattr(recipe, training_method(recipe))
 
 
+def with_training_changes(recipe, changes: dict):
+    """The recipe with `changes` (e.g. fit_to_memory's) applied to its `training_section`; a new recipe."""
+    import dataclasses
+    method = training_method(recipe)
+    return dataclasses.replace(recipe, **{method: {**getattr(recipe, method), **changes}}) if changes else recipe
+
+
 def train_setting(recipe, key):
     """The recipe's value of a TRL config field, else TRL's own default for it."""
     from app.recipe import trl_config_default

@@ -16,6 +16,7 @@ def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = 
     """`train RECIPE` runs the recipe's stages; `sft|dpo|orpo|kto|reward RECIPE` runs that method (or the
     recipe's stages when they end with it: `dpo tiny-sft-dpo` runs sft, then dpo from its merged weights).
     Returns the last stage's run folder."""
+    from app.memory import with_training_changes
     from app.preflight import run_preflight
     from app.recipe import load_recipe
 
@@ -31,7 +32,8 @@ def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = 
             raise AppError(f"{run.name} has no complete checkpoint to resume from (one is written every "
                            f"save_steps steps); start a new run")
     recipe = load_recipe(str(run / "recipe.yaml") if run else recipe_arg, overrides)
-    run_preflight(recipe, log=log)  # seconds of checks before any model loads; model.auto_fit sets the batch
+    checked = run_preflight(recipe, log=log)  # seconds of checks before any model loads
+    recipe = with_training_changes(recipe, checked.changes)  # model.auto_fit's batch
     # a resumed run is one stage, its own method whichever command resumes it
     stages = recipe.stages if resume or command == "train" or recipe.stages[-1] == command else [command]
     for i, stage in enumerate(stages):

@@ -15,51 +15,58 @@ and its fix rather than after training. `python -m app preflight [--recipe R]`; 
     template    the chat template renders a conversation and ends the reply with an end-of-turn token
     GPU memory  app.memory's estimate against the GPU's free memory; with model.auto_fit the batch that fits
 
-The tokenizer, template and GPU checks need transformers and torch (several seconds to import, more than
-everything else together), so one child process does them, started first, while this process does the
-rest. This process never imports transformers: when training follows, Unsloth is still imported before
-it (Unsloth patches transformers on import). Nothing here contacts the hub: the child runs with
-HF_HUB_OFFLINE=1 and the tokenizer checks skip a model that is not local or cached.
+The tokenizer, template and GPU checks need transformers and torch, so a child process does them
+(app/preflight_child.py), started first, while this process does the rest. This process never imports
+transformers: when training follows, Unsloth is still imported before it (Unsloth patches transformers on
+import). Nothing here contacts the hub: the child runs with HF_HUB_OFFLINE=1 and the tokenizer checks
+skip a model that is not local or cached.
 
 The tokenizer and template results are kept in .cache/preflight/ under a hash of everything they read
 (the model's non-weight files, the recipe's template settings, the converter's release, the tokenizing
 libraries' versions, this code), so the next preflight of the same files needs no child at all on a
 machine without a GPU device, and only torch's CUDA query on one with a GPU.
 
-With model.auto_fit, run_preflight sets the fitted dpo fields on the recipe it was given (the one change
-it makes), so the training that follows and the run's saved recipe.yaml use them; a run's own recipe
-(resume) is never refitted, because its checkpoint was made with its batch.
+With model.auto_fit, run_preflight returns the fitted training fields (`Preflight.changes`) for the caller
+to apply (app.memory.with_training_changes), so the training that follows and the run's saved recipe.yaml
+use them; a run's own recipe (resume) is never refitted, because its checkpoint was made with its batch.
 """
+import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 from app import ROOT, AppError
 from app import llamacpp
 from app.memory import (GiB, architecture, estimate_training_memory, fit_to_memory, model_folder, parse_params,
-                        train_setting, training_section)
+                        train_setting, training_section, with_training_changes)
 from app.model import is_path, local_folder, offline
+from app.preflight_child import Probe, skipped
+
+logger = logging.getLogger(__name__)
 
 REQUIREMENTS = ROOT / "requirements.txt"
-PROBE_TIMEOUT = 300  # seconds; a named Unsloth chat template imports Unsloth in the child (~20 s)
 CACHE = ROOT / ".cache" / "preflight"  # tokenizer and template results, by a hash of everything they depend on
 GPU_DEVICES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".pkl")
-SKIPPED = {"tokenizer": "tokenizer: skipped, the model is not on this machine yet",
-           "template": "template: skipped, the model is not on this machine yet", "cuda": None}
+SKIPPED = {"tokenizer": skipped("tokenizer: skipped, the model is not on this machine yet"),
+           "template": skipped("template: skipped, the model is not on this machine yet"), "cuda": None}
+
+
+@dataclasses.dataclass
+class Preflight:
+    lines: list[str]  # the checks that passed (or were skipped), each "ok: ..."
+    changes: dict     # training fields model.auto_fit chose, for the caller to apply; {} without auto_fit
 
 
 def run_preflight(recipe, *, requirements: Path = REQUIREMENTS, llamacpp_home: Path = llamacpp.HOME,
-                  cache: Path | None = CACHE, log=None) -> list[str]:
-    """The lines of the checks that passed, each "ok: ..." (also given to `log` as they come); AppError with
-    one sentence and the fix at the first that fails. `cache` keeps the tokenizer and template results of
-    files already checked (None: check again); the child process then runs only to ask a GPU, if any."""
+                  cache: Path | None = CACHE, log=None) -> Preflight:
+    """Every check in turn (each line also given to `log` as it comes); AppError with one sentence and the
+    fix at the first that fails. `cache` keeps the tokenizer and template results of files already checked
+    (None: check again); the child process then runs only to ask a GPU, if any."""
     t0 = time.monotonic()
     lines = []
 
@@ -84,16 +91,19 @@ def run_preflight(recipe, *, requirements: Path = REQUIREMENTS, llamacpp_home: P
         ok(check_disk(recipe, arch, train_rows))
         ok(check_evaluation_cost(recipe, train_rows))
         result = {**SKIPPED, **(probe.result() if probe else {}), **(cached or {})}
+        for check in ("tokenizer", "template"):  # in this order: a tokenizer that fails to load fails both
+            if result[check]["status"] == "failed":
+                raise AppError(result[check]["text"])
+            ok(result[check]["text"])
         if check_tokenizer and key:
             write_cached(cache, key, {k: result[k] for k in ("tokenizer", "template")})
-        for check in ("tokenizer", "template"):
-            ok(result[check])
-        ok(check_gpu_memory(recipe, arch, arch_source, result["cuda"]))
+        line, changes = check_gpu_memory(recipe, arch, arch_source, result["cuda"])
+        ok(line)
     finally:
         if probe:
             probe.stop()
     ok(f"preflight passed in {time.monotonic() - t0:.1f}s")
-    return lines
+    return Preflight(lines, changes)
 
 
 # --- checks in this process ------------------------------------------------------------------------------
@@ -136,16 +146,9 @@ def check_versions(requirements: Path = REQUIREMENTS) -> str:
 
 
 def check_converter(home: Path = llamacpp.HOME) -> str:
-    converter, stamp = home / "convert_hf_to_gguf.py", home / "VERSION"
-    missing = [p.name for p in (converter, home / "conversion", home / "gguf-py", stamp) if not p.exists()]
-    if missing:
-        raise AppError(f"llama.cpp's converter is missing from {home} (no {missing[0]}), so export could not make "
-                       f"a GGUF after training; fix: `make setup` (or `python -m app setup`) unpacks it")
-    have, want = stamp.read_text().strip(), llamacpp.runtime_version()
-    if have != want:
-        raise AppError(f"the llama.cpp converter in {home} is from llama-cpp-python {have} but {want} is installed, "
-                       f"so its GGUF files may not load in the runtime; fix: `make setup` fetches the matching one")
-    return f"converter: {_show(converter)} is from llama-cpp-python {want}, the runtime's llama.cpp release"
+    llamacpp.check_converter(home)
+    return f"converter: {_show(home / llamacpp.CONVERTER.name)} is from llama-cpp-python " \
+           f"{llamacpp.runtime_version()}, the runtime's llama.cpp release"
 
 
 def tokenizer_folder(recipe) -> Path | None:
@@ -295,31 +298,32 @@ def check_evaluation_cost(recipe, train_rows: int | None) -> str:
             f"about {share:.0%} of the training's compute, so expect them to take about that share of its time")
 
 
-def check_gpu_memory(recipe, arch, arch_source: str, cuda: dict | str | None) -> str:
-    """`cuda`: {free, total, name} from torch.cuda.mem_get_info in the child, None without CUDA."""
+def check_gpu_memory(recipe, arch, arch_source: str, cuda: dict | str | None) -> tuple[str, dict]:
+    """(line, the training fields model.auto_fit changes: {} without it). `cuda`: {free, total, name} from
+    torch.cuda.mem_get_info in the child, None without CUDA, "unknown" when the child timed out."""
     if arch is None:
         return (f"GPU memory: no estimate, the architecture of {recipe.model['name']} is unknown (not local, "
-                f"not cached, not in app/memory.py's table)")
+                f"not cached, not in app/memory.py's table)"), {}
     est = estimate_training_memory(recipe, arch=arch)
     shape = f"batch {est.batch} x max_length {est.length}"
     if cuda == "unknown":  # the child that asks torch timed out
-        return f"GPU memory: estimated peak {est.total:.1f} GiB at {shape}; the GPU's free memory is unknown"
+        return f"GPU memory: estimated peak {est.total:.1f} GiB at {shape}; the GPU's free memory is unknown", {}
     if cuda is None:
         return (f"GPU memory: estimated peak {est.total:.1f} GiB at {shape} ({est.summary()}; from {arch_source}); "
                 f"no GPU is present (no CUDA device), so there is nothing to compare it with"
-                + ("; this recipe sets model.requires_gpu" if recipe.model.get("requires_gpu") else ""))
+                + ("; this recipe sets model.requires_gpu" if recipe.model.get("requires_gpu") else "")), {}
     free, gpu = cuda["free"] / GiB, f"{cuda['name']} ({cuda['total'] / GiB:.0f} GiB)"
     if recipe.model.get("auto_fit") and not _is_run_recipe(recipe):
         changes, sentence = fit_to_memory(recipe, free, arch)
-        training_section(recipe).update(changes)  # training and the run's recipe.yaml use the fitted values
-        if estimate_training_memory(recipe, arch=arch).total > free:
+        if estimate_training_memory(with_training_changes(recipe, changes), arch=arch).total > free:
             raise AppError(f"{sentence} on {gpu}; fix: a shorter dpo.max_length, a smaller model or a larger GPU")
-        return f"GPU memory: {sentence} on {gpu}"
+        return f"GPU memory: {sentence} on {gpu}", changes
     if est.total > free:
         raise AppError(f"recipe '{recipe.name}' needs about {est.total:.1f} GiB of GPU memory at {shape} but "
                        f"{gpu} has {free:.1f} GiB free; fix: make dpo FIT=1 (model.auto_fit: true) picks a batch "
                        f"that fits, or lower dpo.per_device_train_batch_size or dpo.max_length")
-    return f"GPU memory: estimated peak {est.total:.1f} GiB at {shape} of {free:.1f} GiB free on {gpu} ({est.summary()})"
+    return (f"GPU memory: estimated peak {est.total:.1f} GiB at {shape} of {free:.1f} GiB free on {gpu} "
+            f"({est.summary()})"), {}
 
 
 def _is_run_recipe(recipe) -> bool:
@@ -330,10 +334,6 @@ def _is_run_recipe(recipe) -> bool:
 def _hub_cache() -> Path:
     from huggingface_hub import constants
     return Path(constants.HF_HUB_CACHE).resolve()
-
-
-def _in_hub_cache(folder: Path) -> bool:
-    return folder.resolve().is_relative_to(_hub_cache())
 
 
 def _show(path: Path) -> str:
@@ -354,7 +354,7 @@ def tokenizer_key(recipe, folder: Path, home: Path) -> str:
     versions = [importlib.metadata.version(p) for p in ("transformers", "tokenizers", "llama_cpp_python")]
     stamp = home / "VERSION"
     h.update(json.dumps([settings, versions, stamp.read_text() if stamp.is_file() else None]).encode())
-    for module in ("preflight.py", "export.py", "model.py"):
+    for module in ("preflight.py", "preflight_child.py", "llamacpp.py", "model.py"):
         h.update((ROOT / "app" / module).read_bytes())
     return h.hexdigest()[:24]
 
@@ -363,195 +363,16 @@ def read_cached(cache: Path | None, key: str | None) -> dict | None:
     path = cache / f"{key}.json" if cache and key else None
     if not path or not path.is_file():
         return None
-    lines = json.loads(path.read_text())
-    return {k: f"{v} (cached: these files passed before)" for k, v in lines.items()}
+    answers = json.loads(path.read_text())
+    logger.info(f"tokenizer and template checks: cached in {path}")
+    return {k: {**v, "text": f"{v['text']} (cached: these files passed before)"} for k, v in answers.items()}
 
 
-def write_cached(cache: Path, key: str, lines: dict):
-    if not all(lines[k].split(": ", 1)[1].startswith(("llama.cpp's converter", "the chat template")) for k in lines):
-        return  # only checks that ran and passed, never a skip
+def write_cached(cache: Path, key: str, answers: dict):
+    """Only checks that ran and passed are kept, never a skip."""
+    if not all(a["status"] == "passed" for a in answers.values()):
+        return
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".{key}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(lines))
+    tmp.write_text(json.dumps(answers))
     tmp.rename(cache / f"{key}.json")
-
-
-# --- checks in the child process -------------------------------------------------------------------------
-
-class Probe:
-    """The child process that imports transformers and torch: tokenizer, chat template, CUDA."""
-
-    def __init__(self, recipe, folder: Path | None, llamacpp_home: Path):
-        self.tmp = Path(tempfile.mkdtemp(prefix="prefalign-preflight-"))
-        model = dict(recipe.model)
-        if folder and model["name"] != "tiny" and not _in_hub_cache(folder):
-            model["name"] = str(folder)  # a relative folder, resolved here: the child runs in the repository root
-        spec = {"recipe": recipe.name, "model": model, "folder": str(folder) if folder else None,
-                "llamacpp_home": str(llamacpp_home), "out": str(self.tmp / "result.json")}
-        (self.tmp / "spec.json").write_text(json.dumps(spec))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-               "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-        env.pop("NO_LOCAL_GGUF", None)  # the converter must use its own gguf-py
-        self.log = open(self.tmp / "child.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.preflight", str(self.tmp / "spec.json")], cwd=ROOT,
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def result(self) -> dict:
-        try:
-            self.proc.wait(timeout=PROBE_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            why = f"skipped, the tokenizer checks did not finish in {PROBE_TIMEOUT}s"
-            return {"tokenizer": f"tokenizer: {why}", "template": f"template: {why}", "cuda": "unknown"}
-        out = self.tmp / "result.json"
-        if not out.is_file():
-            tail = [line for line in (self.tmp / "child.log").read_text(errors="replace").splitlines() if line.strip()]
-            raise AppError(f"the tokenizer checks crashed ({tail[-1] if tail else f'exit code {self.proc.returncode}'}); "
-                           f"fix: `make setup` reinstalls the environment")
-        result = json.loads(out.read_text())
-        for key in ("tokenizer", "template"):  # in this order: a tokenizer that fails to load fails both
-            if key in result and "error" in result[key]:
-                raise AppError(result[key]["error"])
-        return {key: result[key]["ok"] if key != "cuda" else result[key] for key in result}
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def probe(spec: dict) -> dict:
-    """In the child: {"cuda": {free, total, name} or None, "tokenizer": {...}, "template": {...}}, each check
-    {"ok": text} or {"error": sentence}; without a folder, only "cuda"."""
-    import types
-
-    import torch
-
-    result = {"cuda": None}
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        result["cuda"] = {"free": free, "total": total, "name": torch.cuda.get_device_name()}
-    if spec["folder"] is None:  # only the GPU was asked for
-        return result
-    from app.model import load_tokenizer
-
-    folder, name = Path(spec["folder"]), spec["model"]["name"]
-    recipe = types.SimpleNamespace(name=spec["recipe"], model=spec["model"])
-    try:
-        tokenizer = load_tokenizer(recipe)
-    except AppError as e:
-        return {**result, "tokenizer": {"error": str(e)}, "template": {"error": str(e)}}
-    result["template"] = check_template(tokenizer, folder, name)
-    result["tokenizer"] = check_tokenizer_converts(tokenizer, folder, name, Path(spec["llamacpp_home"]))
-    return result
-
-
-def end_of_turn_tokens(tokenizer, folder: Path) -> list[str]:
-    """The tokenizer's EOS and every EOS id of generation_config.json (e.g. Llama 3's <|eot_id|>)."""
-    ids = []
-    for name in ("generation_config.json", "config.json"):
-        if (folder / name).is_file():
-            value = json.loads((folder / name).read_text()).get("eos_token_id")
-            ids += value if isinstance(value, list) else [value] if value is not None else []
-    tokens = [tokenizer.eos_token] + [tokenizer.convert_ids_to_tokens(i) for i in ids if i is not None]
-    return [t for t in dict.fromkeys(tokens) if t]
-
-
-def check_template(tokenizer, folder: Path, name: str) -> dict:
-    reply = "Bees make honey."
-    messages = [{"role": "user", "content": "Tell me about bees."}, {"role": "assistant", "content": reply}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception as e:  # jinja2 errors, raise_exception() in the template: many types
-        return {"error": f"the chat template of {name} cannot render a user/assistant conversation "
-                         f"({type(e).__name__}: {e}); fix: set model.chat_template to one of Unsloth's templates"}
-    ends = end_of_turn_tokens(tokenizer, folder)
-    after = text[text.rfind(reply) + len(reply):] if reply in text else text
-    found = [t for t in ends if t in after]
-    if not found:
-        return {"error": f"the chat template of {name} does not end the assistant's reply with an end-of-turn token "
-                         f"({', '.join(ends) or 'the tokenizer has no EOS'}), so the trained model would never learn "
-                         f"to stop; fix: set model.chat_template to an Unsloth template that does (e.g. chatml)"}
-    return {"ok": f"template: the chat template renders a conversation and ends the reply with {found[0]}"}
-
-
-def check_tokenizer_converts(tokenizer, folder: Path, name: str, home: Path) -> dict:
-    """Save the tokenizer as export will (transformers' files + app.llamacpp's fixes), run llama.cpp's converter
-    on it with --vocab-only (in this process: torch and transformers are already imported), then load the
-    vocabulary in llama.cpp and tokenize a chat prompt with both."""
-    import logging
-    import runpy
-
-    from app.llamacpp import prepare_tokenizer_for_converter
-
-    converter = home / "convert_hf_to_gguf.py"
-    if not converter.is_file():
-        return {"error": f"llama.cpp's converter is missing from {home}; fix: `make setup`"}
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="prefalign-vocab-") as tmp:
-        tmp = Path(tmp)
-        model_dir, out = tmp / "model", tmp / "vocab.gguf"
-        tokenizer.save_pretrained(str(model_dir))
-        for config in ("config.json", "generation_config.json"):
-            if (folder / config).is_file():
-                shutil.copy(folder / config, model_dir / config)
-        prepare_tokenizer_for_converter(model_dir, str(folder))
-
-        problems = []
-        handler = logging.Handler(level=logging.WARNING)
-        handler.emit = lambda record: problems.append(record.getMessage())
-        logging.getLogger().addHandler(handler)  # before the converter's basicConfig, which then adds nothing
-        argv, path = sys.argv, list(sys.path)
-        sys.argv = [str(converter), str(model_dir), "--vocab-only", "--outfile", str(out)]
-        sys.path.insert(0, str(home))
-        error = None
-        try:
-            runpy.run_path(str(converter), run_name="__main__")
-        except SystemExit as e:
-            error = None if e.code in (0, None) else (problems[-1] if problems else f"exit code {e.code}")
-        except Exception as e:  # e.g. NotImplementedError: BPE pre-tokenizer was not recognized
-            error = f"{type(e).__name__}: {e}"
-        finally:
-            sys.argv, sys.path[:] = argv, path
-            logging.getLogger().removeHandler(handler)
-        if error or not out.is_file():
-            return {"error": f"llama.cpp's converter cannot write the vocabulary of {name}'s tokenizer "
-                             f"({error or 'no output'}), so export would fail after training; fix: a model whose "
-                             f"tokenizer this llama.cpp release knows, or a newer llama-cpp-python and `make setup`"}
-        seconds = time.monotonic() - t0
-        return parity(tokenizer, out, name, seconds)
-
-
-def parity(tokenizer, vocab: Path, name: str, seconds: float) -> dict:
-    """llama.cpp reads the vocabulary GGUF and tokenizes the chat prompt into transformers' ids."""
-    import llama_cpp
-
-    try:
-        llm = llama_cpp.Llama(model_path=str(vocab), vocab_only=True, verbose=False)
-    except Exception as e:
-        return {"error": f"llama.cpp cannot load the vocabulary the converter wrote for {name} ({e}); fix: "
-                         f"`make setup` so that converter and runtime are of one release"}
-    messages = [{"role": "user", "content": "What is the sun? Tell me in 2 sentences."}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    theirs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
-    ours = llm.tokenize(text.encode(), add_bos=False, special=True)
-    eos = llm.token_eos()
-    kind = llm.metadata.get("tokenizer.ggml.model", "?") + (
-        f", pre-tokenizer {llm.metadata['tokenizer.ggml.pre']}" if llm.metadata.get("tokenizer.ggml.pre") else "")
-    if list(ours) != list(theirs):
-        return {"error": f"llama.cpp tokenizes {name}'s chat prompt into other ids than transformers ({len(ours)} vs "
-                         f"{len(theirs)} tokens), so the smoke test would fail after training; fix: check the "
-                         f"tokenizer's special tokens (added_tokens_decoder) or set model.chat_template"}
-    if eos != tokenizer.eos_token_id:
-        return {"error": f"llama.cpp's vocabulary for {name} has EOS id {eos} but the tokenizer's is "
-                         f"{tokenizer.eos_token_id}, so GGUF replies would not stop; fix: set the tokenizer's eos_token"}
-    return {"ok": f"tokenizer: llama.cpp's converter writes its vocabulary ({llm.n_vocab()} tokens, {kind}) and "
-                  f"tokenizes the chat prompt as transformers does ({seconds:.1f}s)"}
-
-
-if __name__ == "__main__":  # the child: python -m app.preflight SPEC.json
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    answer = probe(spec)
-    Path(spec["out"]).write_text(json.dumps(answer))

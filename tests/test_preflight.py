@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from app import ROOT, AppError
-from app.memory import GiB, architecture
+from app.memory import GiB, architecture, with_training_changes
 from app.preflight import check_gpu_memory, run_preflight
 from app.recipe import load_recipe
 from app.tiny import CHAT_TEMPLATE, ensure_tiny_model
@@ -40,7 +40,7 @@ def test_passes_on_tiny(tmp_path):
     """Twice: the first run checks the tokenizer in the child process; the second finds the result cached."""
     ensure_tiny_model()
     t0 = time.monotonic()
-    lines = run_preflight(load_recipe("tiny"), cache=tmp_path)
+    lines = run_preflight(load_recipe("tiny"), cache=tmp_path).lines
     cold = time.monotonic() - t0
     assert all(line.startswith("ok: ") for line in lines), lines
     text = "\n".join(lines)
@@ -52,7 +52,7 @@ def test_passes_on_tiny(tmp_path):
         assert "no GPU is present" in text
 
     t0 = time.monotonic()
-    again = run_preflight(load_recipe("tiny"), cache=tmp_path)
+    again = run_preflight(load_recipe("tiny"), cache=tmp_path).lines
     warm = time.monotonic() - t0
     tokenizer_line = next(line for line in again if line.startswith("ok: tokenizer:"))
     assert "tokenizes the chat prompt as transformers does" in tokenizer_line and "(cached" in tokenizer_line, again
@@ -135,12 +135,15 @@ def test_gpu_memory_check_and_auto_fit_without_a_gpu():
     recipe = load_recipe("llama3-8b", ["model.auto_fit=true"])
     arch, source = architecture(recipe)
     gpu = {"free": 9 * GiB, "total": 12 * GiB, "name": "a 12 GB GPU"}
-    line = check_gpu_memory(recipe, arch, source, gpu)
+    line, changes = check_gpu_memory(recipe, arch, source, gpu)
     assert "auto_fit: batch 1 x accumulation 8" in line and "fits" in line, line
-    assert (recipe.dpo["per_device_train_batch_size"], recipe.dpo["gradient_accumulation_steps"]) == (1, 8)
+    assert changes == {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 8}
+    fitted = with_training_changes(recipe, changes)  # returned for the caller to apply (pipeline.train_recipe)
+    assert (fitted.dpo["per_device_train_batch_size"], fitted.dpo["gradient_accumulation_steps"]) == (1, 8)
+    assert recipe.dpo["per_device_train_batch_size"] == 2  # the recipe given is not changed
 
     plain = load_recipe("llama3-8b")
     with pytest.raises(AppError) as e:
         check_gpu_memory(plain, arch, source, gpu)
     assert_one_sentence(e.value, "GiB of GPU memory", "FIT=1")
-    assert "of 80.0 GiB free" in check_gpu_memory(plain, arch, source, {**gpu, "free": 80 * GiB})
+    assert "of 80.0 GiB free" in check_gpu_memory(plain, arch, source, {**gpu, "free": 80 * GiB})[0]
