@@ -77,7 +77,7 @@ compare: $(READY)
 	$(PY) -m app compare $(RUN) $(if $(QUANT),--quant $(QUANT)) $(if $(PROMPTS),--prompts $(PROMPTS))
 
 serve: $(READY)
-	$(PY) -m app serve $(RUN) $(if $(QUANT),--quant $(QUANT)) $(if $(PORT),--port $(PORT))
+	$(PY) -m app serve $(RUN) $(if $(QUANT),--quant $(QUANT)) $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
 report: $(READY)
 	$(PY) -m app report $(RUN)

@@ -138,17 +138,38 @@ def prompt_counter(llm):
 
 def fit_history(count, system: str | None, turns: list[dict], max_tokens: int, n_ctx: int) -> list[dict]:
     """`turns` (ending with the new user message) without its oldest user/assistant pairs, as many as must
-    go for the prompt plus max_tokens to fit n_ctx. The system prompt always stays."""
+    go for the prompt plus max_tokens to fit n_ctx; when the new message alone is too long, its most recent
+    part that fits (keep_the_end). The system prompt always stays."""
     dropped = 0
     while (used := count(with_system(system, turns))) + max_tokens > n_ctx:
         if len(turns) < 3:
-            raise AppError(f"the prompt takes {used} tokens; with --max-tokens {max_tokens} it does not fit the "
-                           f"context of {n_ctx} (--ctx)")
+            return keep_the_end(count, system, turns[-1:], max_tokens, n_ctx)
         turns, dropped = turns[2:], dropped + 1
     if dropped:
         print(f"note: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} to stay within the context of "
               f"{n_ctx} tokens (prompt {used} + --max-tokens {max_tokens})", file=sys.stderr)
     return turns
+
+
+def keep_the_end(count, system: str | None, turns: list[dict], max_tokens: int, n_ctx: int) -> list[dict]:
+    """The one message in `turns` cut to its longest ending that fits, found by bisection on where it starts
+    (a pasted text's last part is what the question is about); said on stderr."""
+    text = turns[-1]["content"]
+
+    def fits(start: int) -> bool:
+        return count(with_system(system, [{**turns[-1], "content": text[start:]}])) + max_tokens <= n_ctx
+
+    if not fits(len(text)):
+        empty = count(with_system(system, [{**turns[-1], "content": ""}]))
+        raise AppError(f"the system prompt and chat template take {empty} tokens; with --max-tokens {max_tokens} "
+                       f"not even an empty message fits the context of {n_ctx} (--ctx)")
+    low, high = 0, len(text)  # fits(high); the answer is the smallest start that fits
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle + 1, high)
+    print(f"note: the message is longer than the context of {n_ctx} tokens (with --max-tokens {max_tokens}): "
+          f"kept its last {len(text) - low:,} of {len(text):,} characters", file=sys.stderr)
+    return [{**turns[-1], "content": text[low:]}]
 
 
 def stream_reply(llm, messages: list[dict], sampling: dict, interactive: bool) -> str:

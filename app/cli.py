@@ -9,7 +9,7 @@ errors. Nothing else.
     python -m app smoke [RUN]                                   llama.cpp checks every GGUF of a run
     python -m app chat [RUN_OR_GGUF] [--quant q4_k_m]           chat with a GGUF
     python -m app compare [RUN] [--prompts FILE]                base vs aligned replies side by side
-    python -m app serve [RUN_OR_GGUF] [--port 8000]             an OpenAI-compatible server for a GGUF
+    python -m app serve [RUN_OR_GGUF] [--port 8000] [--api-key]  an OpenAI-compatible server for a GGUF
     python -m app data inspect SOURCE [--recipe R] [--json]     a dataset as the trainer will see it
     python -m app verify [RUN]                                  re-hash a run against its manifest
     python -m app report [RUN]                                  rebuild report.md and plots/ of a run
@@ -18,8 +18,12 @@ errors. Nothing else.
     python -m app preflight [--recipe R] [--set ...]            seconds of checks before training (dpo runs them)
     python -m app setup                                         fetch llama.cpp's converter (make setup does it)
     python -m app gpu-check [--dry-run]                         the whole GPU path on a tiny model, in minutes
+
+What the user reads is printed; diagnostics go through `logging` to stderr: warnings always, `-v` adds
+what each stage measured and did (INFO), `-vv` everything (DEBUG).
 """
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -30,6 +34,7 @@ from app import AppError
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description="Preference alignment: DPO with Unsloth "
                                      "and TRL, export to GGUF, proven in llama.cpp, chat locally.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="diagnostics on stderr: -v, -vv for more")
     sub = parser.add_subparsers(dest="command", required=True)
     for method, what in (("train", "run the recipe's stages"), ("sft", "supervised fine-tuning"),
                          ("dpo", "DPO"), ("orpo", "ORPO (no reference model)"), ("kto", "KTO (unpaired data)"),
@@ -65,6 +70,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("serve", parents=[gguf], help="an OpenAI-compatible HTTP server for a run's GGUF (or a .gguf file)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("PREFALIGN_API_KEY"),
+                   help="every request must send it as `Authorization: Bearer KEY` (default: $PREFALIGN_API_KEY)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow listening beyond this machine without an API key (anyone on the network can use it)")
     p = sub.add_parser("data", help="inspect a preference dataset as the trainer will see it")
     p.add_argument("action", choices=["inspect"])
     p.add_argument("source", help="a local file or folder, or a hub dataset id")
@@ -91,6 +100,11 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds the pipeline may take (default %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the check's run folder in exports/ (about 0.7 GB)")
     args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.verbose < 2:  # the libraries' own INFO is for their developers, not for a user of this app
+        for name in ("transformers", "datasets", "accelerate", "peft", "trl", "unsloth", "urllib3", "httpx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if not sys.stderr.isatty():  # progress bars garble logs and CI output; our own lines say the same
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -161,7 +175,8 @@ def cmd_compare(args):
 def cmd_serve(args):
     from app.gguf import find_gguf
     from app.serve import serve
-    serve(find_gguf(args.target, args.quant), host=args.host, port=args.port, n_ctx=args.ctx)
+    serve(find_gguf(args.target, args.quant), host=args.host, port=args.port, n_ctx=args.ctx, api_key=args.api_key,
+          insecure=args.insecure)
 
 
 def cmd_data(args):

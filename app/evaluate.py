@@ -9,6 +9,9 @@ against the base's scores. Before training it is undefined (every reward is 0: p
 The pairs are tokenized once, as DPOTrainer tokenizes them, and every form sees the same token ids.
 """
 import contextlib
+import logging
+
+logger = logging.getLogger(__name__)
 
 
 def held_out_pairs(rows, tokenizer, max_pairs: int, max_length: int | None) -> tuple[list[dict], int]:
@@ -48,6 +51,7 @@ def score_pairs_hf(model, pairs) -> list[list[float]]:
     vocab = model.get_output_embeddings().weight.shape[0]
     width = max((len(a) + len(b) for a, b in seqs), default=1)
     per_batch = max(1, LOGITS_BYTES // (4 * vocab * width))
+    logger.info(f"scoring {len(seqs)} sequences of up to {width} tokens, {per_batch} at a time")
     scores = []
     for start in range(0, len(seqs), per_batch):
         batch = seqs[start:start + per_batch]
@@ -103,7 +107,7 @@ def score_pairs_gguf(llm, pairs) -> list[list[float]]:
     return [[logp(p["prompt_ids"], p["chosen_ids"]), logp(p["prompt_ids"], p["rejected_ids"])] for p in pairs]
 
 
-def summarize_scores(scores, base_scores=None, beta: float = 0.1) -> dict:
+def summarize_scores(scores, base_scores=None, beta: float | None = None) -> dict:
     """Accuracy (chosen log-prob above rejected), mean margin and log-probs; with the base model's scores
     also DPO's reward accuracy and margin: reward = beta * (log p_model - log p_base), as TRL computes it."""
     n = len(scores)

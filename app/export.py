@@ -11,6 +11,7 @@ llama.cpp's own convert_hf_to_gguf.py of the runtime's release (see llamacpp.py)
 llama.cpp's, through llama-cpp-python's `llama_model_quantize`.
 """
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from app.gguf import CHAT_PREFERENCE, CONVERTED, QUANTIZED
 from app.llamacpp import prepare_tokenizer_for_converter, run_converter, run_quantizer
 from app.ollama import modelfile_template, write_modelfile
 from app.runs import discard_manifest, disk_full, write_manifest
+
+logger = logging.getLogger(__name__)
 
 # export.base: the untrained base as GGUF, for `compare`. Outside gguf/, which holds the run's own model:
 # smoke, chat, serve and the report read every file there as the aligned model.
@@ -74,8 +77,9 @@ def return_large_blocks_on_free():
         libc = ctypes.CDLL(None)
         libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
         libc.malloc_trim(0)  # what training freed goes back now, not at the next shard
+        logger.debug("glibc's mmap threshold fixed at 128 KiB for the export")
     except (OSError, AttributeError):
-        pass
+        logger.debug("not glibc: the mmap threshold is left as it is")
 
 
 def check_room_for_export(run: Path, model, types):
@@ -185,8 +189,10 @@ def merge_adapter(model, tokenizer, out: Path, base_source: str, dtype):
 
 
 def _write_shard(folder: Path, index: int, tensors: dict, save_file) -> tuple[Path, list]:
-    path = folder / f"shard-{index}.safetensors"
+    path, t0 = folder / f"shard-{index}.safetensors", time.time()
     save_file(tensors, str(path), metadata={"format": "pt"})
+    logger.info(f"merged shard {index}: {len(tensors)} tensors, {path.stat().st_size / 2**20:.0f} MiB, "
+                f"{time.time() - t0:.1f}s to write")
     return path, list(tensors)
 
 
@@ -252,6 +258,8 @@ def check_merged_weights(model, merged: Path) -> dict:
             stats.append(weight_error(name, f.get_slice(name), base, delta))
         seen.add(name)
     stats += [{"name": n, "unexpected": True} for n in where if n not in seen]
+    for s in sorted((s for s in stats if "max_ulps" in s), key=lambda s: -s["max_ulps"])[:5]:
+        logger.info(f"merge check: {s['name']}: {s['max_ulps']:.3f} ulp, {s['changed']:,} of {s['numel']:,} changed")
     verdict = merge_verdict(stats)
     if not verdict["passed"]:
         raise AppError(f"the merged weights are not the trained model: {verdict['reason']}; the export stops here")
@@ -337,7 +345,8 @@ def convert_to_gguf(merged: Path, out_dir: Path, stem: str, types, log=print) ->
     for t in [t for t in CONVERTED if t in types or t == base_type]:
         t0 = time.time()
         final, tmp = out_dir / f"{stem}-{t}.gguf", out_dir / f".{stem}-{t}.gguf.tmp"
-        run_converter(merged, tmp, t)
+        converter_log = run_converter(merged, tmp, t)
+        logger.debug(f"converter, {t}:\n{converter_log}")
         tmp.rename(final)
         made[t], seconds[t] = final, time.time() - t0
     for t in [t for t in types if t in QUANTIZED]:

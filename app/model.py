@@ -8,10 +8,11 @@ import json
 import logging
 import os
 import socket
-import sys
 from pathlib import Path
 
 from app import ROOT, AppError
+
+logger = logging.getLogger(__name__)
 
 
 def local_folder(name: str) -> Path | None:
@@ -142,9 +143,8 @@ def load_options(recipe) -> dict:
     (then said on stderr); use_safetensors=True unless model.allow_pickle, so no pickle file is loaded."""
     m = recipe.model
     if m.get("trust_remote_code"):
-        print(f"warning: recipe '{recipe.name}' sets model.trust_remote_code: true, so Python code from the "
-              f"repository of '{m['name']}' runs on this machine; keep it only for a source you trust",
-              file=sys.stderr)
+        logger.warning(f"recipe '{recipe.name}' sets model.trust_remote_code: true, so Python code from the "
+                       f"repository of '{m['name']}' runs on this machine; keep it only for a source you trust")
     return {"trust_remote_code": bool(m.get("trust_remote_code")),
             "use_safetensors": None if m.get("allow_pickle") else True}
 

@@ -3,8 +3,14 @@ the chat template stored in the GGUF and the run's name as the model id.
 
 Endpoints are llama-cpp-python's: /v1/models, /v1/chat/completions (streaming too), /v1/completions,
 /v1/embeddings, /docs. It holds one model; requests are answered one at a time, in order.
+
+With an API key (llama-cpp-python's own `api_key` setting) every /v1 request must send it as a bearer
+token, else 401. Listening beyond loopback without one is refused unless --insecure says so.
 """
+import ipaddress
+import logging
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -12,9 +18,20 @@ from app import AppError
 from app.chat import run_of
 from app.gguf import check_gguf_file, gguf_load_error
 
+logger = logging.getLogger(__name__)
 
-def serve(gguf: Path, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 2048):
+
+def serve(gguf: Path, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 2048, api_key: str | None = None,
+          insecure: bool = False):
     """Serve until Ctrl-C (or SIGTERM): uvicorn finishes the requests under way, then returns."""
+    exposure = exposure_verdict(host, api_key, insecure)
+    if exposure == "refused":
+        raise AppError(f"--host {host} is reachable from other machines and there is no API key, so anyone on the "
+                       f"network could use the model; give --api-key KEY (or set PREFALIGN_API_KEY), serve on "
+                       f"127.0.0.1, or pass --insecure to allow it anyway")
+    if exposure == "open":
+        logger.warning(f"--insecure: listening on {host} without an API key; anyone who can reach port {port} "
+                       f"can use the model")
     check_gguf_file(gguf)
     try:
         import uvicorn
@@ -29,19 +46,37 @@ def serve(gguf: Path, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 20
     # gets a reply cut short without an error); here they queue. chat_format=None: the GGUF's own template.
     # n_gpu_layers=-1: every layer on the GPU when llama.cpp was built with one; a no-op on a CPU build.
     try:
-        app = create_app(server_settings=from_args(ServerSettings, host=host, port=port, interrupt_requests=False),
+        app = create_app(server_settings=from_args(ServerSettings, host=host, port=port, interrupt_requests=False,
+                                                   api_key=api_key or None),
                          model_settings=[from_args(ModelSettings, model=str(gguf), model_alias=name, chat_format=None,
                                                    n_ctx=n_ctx, n_gpu_layers=-1, verbose=False)])
     except ValueError as e:  # a file cut short inside: llama.cpp reads it only now
         sock.close()
         raise gguf_load_error(gguf, e) or e from None
-    print(f"serving {gguf.name} as model '{name}' at http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)",
-          flush=True)
+    print(f"serving {gguf.name} as model '{name}' at http://{host}:{port}/v1 (OpenAI API"
+          + (", API key required" if api_key else "") + "; Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port))
+    # on SIGTERM uvicorn finishes the requests under way, then raises the signal again under the handler it
+    # found: this one, which lets serve() return, so a service manager's stop exits 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn has shut down cleanly, then re-raises the Ctrl-C it caught
         pass
+
+
+def exposure_verdict(host: str, api_key: str | None, insecure: bool) -> str:
+    """Pure: "local" (loopback only), "keyed" (beyond loopback, with a key), "open" (beyond, no key, --insecure)
+    or "refused". A host name other than localhost counts as beyond: it may resolve to any interface."""
+    try:
+        loopback = ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = host.lower() in ("localhost", "localhost.")
+    if loopback:
+        return "local"
+    if api_key:
+        return "keyed"
+    return "open" if insecure else "refused"
 
 
 def model_name(gguf: Path) -> str:

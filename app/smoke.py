@@ -16,6 +16,7 @@ the reference is decisive (a disagreement passes only at a near-tie: top-2 gap w
 error, which itself must stay within rounding of the logits' scale); quantized types have thresholds.
 """
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from app.evaluate import decision_agreement, score_pairs_gguf, score_pairs_hf, s
 from app.export import eos_ids, load_reference_model
 from app.gguf import EXACT, THRESHOLDS, check_gguf_file, gguf_type, open_gguf
 from app.runs import discard_manifest, write_json
+
+logger = logging.getLogger(__name__)
 
 MAX_NEW_TOKENS = 48
 PAIR_TIE = 0.05  # nats: a held-out pair whose log-prob margin is this close to zero may flip by rounding
@@ -40,7 +43,7 @@ def smoke_run(run: Path, probes, log=print) -> list[dict]:
     discard_manifest(run)  # smoke.json and the report change: the manifest is written again after them
     evaluation = run / "preference_eval.json"
     evaluation = json.loads(evaluation.read_text()) if evaluation.is_file() else {"pairs": [], "beta": None}
-    results = check_ggufs(run / "merged", ggufs, probes, evaluation["pairs"], log, beta=evaluation.get("beta", 0.1))
+    results = check_ggufs(run / "merged", ggufs, probes, evaluation["pairs"], log, beta=evaluation.get("beta"))
     write_json(run / "smoke.json", {"passed": all(r["passed"] for r in results), "results": results})
     return results
 
@@ -98,6 +101,8 @@ def check_gguf(path: Path, tokenizer, reference, pairs=(), merged_scores=(), bet
     finally:
         llm.close()
     problems = smoke_verdict(kind, measured)
+    logger.info(f"smoke {path.name}: " + ", ".join(f"{k} {v}" for k, v in measured.items()
+                                                   if isinstance(v, (int, float)) and not isinstance(v, bool)))
     measured.pop("positions")  # per-token detail, not kept in smoke.json
     max_abs_limit, top1_limit = logit_limits(kind, measured["logit_scale"])
     return {"file": path.name, "type": kind, "bytes": path.stat().st_size, **measured,

@@ -19,6 +19,7 @@ from transformers import PrinterCallback, TrainerCallback
 from app import AppError
 from app.evaluate import (generate_replies, held_out_pairs, score_pairs_hf, score_pairs_reward, summarize_scores,
                           unsloth_inference)
+from app.recipe import trl_config_default
 from app.runs import checkpoint_step, last_checkpoint, write_json, write_text
 
 # method -> (module, config class, trainer class, whether the trainer takes ref_model=None: adapters off)
@@ -53,7 +54,8 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     log = MetricsLog(run / "metrics.jsonl", method)
     trainer = make_trainer(method, model, tokenizer, data, recipe, run, [log])
     args, causal = trainer.args, method != "reward"
-    beta = getattr(args, "beta", 0.1)  # sft has none: reward accuracy does not depend on it, only the margin
+    # sft has none: its margins are reported at DPO's default beta (reward accuracy does not depend on it)
+    beta = getattr(args, "beta", None) or trl_config_default("dpo", "beta")
 
     # before: LoRA B starts at zero, so the model is still the base model (for reward: a random head)
     probes = recipe.export["probes"] if causal else []

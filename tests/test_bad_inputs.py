@@ -268,18 +268,18 @@ def test_gpu_recipe_without_gpu_or_network_is_one_clear_line():
 
 # safety: code from a model's repository, pickle weights, run folders outside exports/
 
-def test_trust_remote_code_is_off_unless_the_recipe_turns_it_on_and_then_it_warns(capsys):
+def test_trust_remote_code_is_off_unless_the_recipe_turns_it_on_and_then_it_warns(caplog):
     from app.model import load_options, load_tokenizer
     from app.recipe import load_recipe
 
     recipe = load_recipe(BASE)
     assert recipe.model["trust_remote_code"] is False and recipe.model["allow_pickle"] is False
     assert load_options(recipe) == {"trust_remote_code": False, "use_safetensors": True}
-    assert capsys.readouterr().err == ""
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
     trusting = load_recipe(BASE, ["model.trust_remote_code=true"])
     assert load_tokenizer(trusting).chat_template  # passed through to transformers, which accepts it
-    err = capsys.readouterr().err
-    assert "warning: recipe 'bad-inputs' sets model.trust_remote_code: true" in err, err
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "app.model"]
+    assert any("recipe 'bad-inputs' sets model.trust_remote_code: true" in w for w in warnings), warnings
 
 
 def test_pickle_weights_load_only_when_the_recipe_allows_them(monkeypatch):

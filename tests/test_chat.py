@@ -94,9 +94,33 @@ def test_trimming_keeps_the_system_prompt_and_the_newest_turns(tiny_run, monkeyp
     assert len(sent[-1]) < 2 * len(PROMPTS)  # older turns left
 
 
+def test_a_message_longer_than_the_context_keeps_its_end_and_is_answered(tiny_run):
+    """20,000 characters pasted into a 256-token context: its most recent part is kept, said on stderr."""
+    long = "".join(f"word{i} " for i in range(2500))[:20_000] + "What is the sun?"
+    blocks, err, code = run_chat(tiny_run, [long, "What is a cat?"], "--ctx", "256", "--max-tokens", "32")
+    assert code == 0, err
+    assert len(blocks) == 2 and all(b.strip() for b in blocks), blocks
+    note = next(line for line in err.splitlines() if line.startswith("note: the message is longer"))
+    kept = int(note.split("kept its last ")[1].split(" of ")[0].replace(",", ""))
+    assert 0 < kept < 2000 and "of 20,016 characters" in note, note
+    assert "Traceback" not in err
+
+
+def test_keep_the_end_finds_the_longest_ending_that_fits():
+    """With a count of one token per character (plus 3 for the template) the bisection's answer is exact."""
+    from app.chat import fit_history
+
+    def count(messages):
+        return 3 + sum(len(m["content"]) for m in messages)
+
+    turns = fit_history(count, None, [user("x" * 1000 + "the end")], max_tokens=10, n_ctx=100)
+    assert turns == [user(("x" * 1000 + "the end")[-87:])]
+    assert fit_history(count, None, [user("short")], max_tokens=10, n_ctx=100) == [user("short")]
+
+
 def test_chat_stops_with_one_sentence_on_what_it_cannot_do(tiny_run, monkeypatch, capsys):
-    assert chat_in_process(monkeypatch, ["word " * 200], tiny_run, "--ctx", "128") == 2
-    assert "does not fit the context of 128" in capsys.readouterr().err
+    assert chat_in_process(monkeypatch, ["hello"], tiny_run, "--ctx", "128", "--system", "word " * 200) == 2
+    assert "not even an empty message fits the context of 128" in capsys.readouterr().err
     assert chat_in_process(monkeypatch, ["/unknown"], tiny_run) == 2
     assert "unknown command /unknown" in capsys.readouterr().err
     assert main(["chat", str(tiny_run), "--ctx", "64", "--max-tokens", "64"]) == 2
