@@ -1,12 +1,14 @@
 """An Ollama Modelfile beside an exported GGUF, with the chat template translated to Ollama's syntax.
 
 Ollama does not run the Jinja chat template stored in the GGUF: it renders prompts with its own Go
-text/template over `.System` and `.Messages` (system messages are in both). Without a TEMPLATE line it
-guesses one, which may not be the layout the model was trained with. So each supported family has a
-hand-written Go template here, in the `.Messages` form of Ollama's own library templates, and
-tests/test_ollama.py renders it next to the Jinja original and asserts the same text. Two things differ on
-purpose: no BOS (llama.cpp adds it when it tokenizes), and a conversation that ends with an assistant message
-is continued (Ollama's prefill: no end-of-turn after it, no new assistant prompt).
+text/template. Without a TEMPLATE line it guesses one, which may not be the layout the model was trained
+with. So the chat template's family is recognised (`chat_family`) and its Go template comes from Unsloth's
+library (unsloth/ollama_template_mappers.py, Ollama's legacy `.System`/`.Prompt`/`.Response` form) where
+that renders what the Jinja original renders, else from here (the `.Messages` form of Ollama's own library).
+tests/test_ollama.py renders every family's TEMPLATE as Ollama does, next to its Jinja original, and asserts
+the same text; it also says why each family written here is not Unsloth's. Two things differ on purpose: no
+BOS (llama.cpp adds it when it tokenizes), and a conversation that ends with an assistant message is
+continued (Ollama's prefill: no end-of-turn after it, no new assistant prompt).
 """
 import re
 from pathlib import Path
@@ -46,12 +48,6 @@ LLAMA3_TURNS = """
 {{ end }}
 {{- end }}"""
 
-LLAMA3 = """\
-{{- if .System }}<|start_header_id|>system<|end_header_id|>
-
-{{ .System }}<|eot_id|>
-{{- end }}""" + LLAMA3_TURNS
-
 # Llama 3.1 always writes a system turn, dated with the template's default date_string (what transformers
 # renders when no date is passed, so what training saw).
 LLAMA31 = """\
@@ -89,37 +85,6 @@ MISTRAL = """\
 {{- end }}
 {{- end }}"""
 
-# Gemma has no system role (Gemma 2's own template raises on one); like Unsloth's Gemma templates, the system
-# text opens the first user turn, which follows the system message (index 1).
-GEMMA = """\
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq .Role "user" }}<start_of_turn>user
-{{ if and $.System (eq $i 1) }}{{ $.System }} {{ end }}{{ .Content }}<end_of_turn>
-{{ else if eq .Role "assistant" }}<start_of_turn>model
-{{ .Content }}{{ if not $last }}<end_of_turn>
-{{ end }}
-{{- end }}
-{{- if and $last (ne .Role "assistant") }}<start_of_turn>model
-{{ end }}
-{{- end }}"""
-
-PHI3 = """\
-{{- if .System }}<|system|>
-{{ .System }}<|end|>
-{{ end }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq .Role "user" }}<|user|>
-{{ .Content }}<|end|>
-{{ else if eq .Role "assistant" }}<|assistant|>
-{{ .Content }}{{ if not $last }}<|end|>
-{{ end }}
-{{- end }}
-{{- if and $last (ne .Role "assistant") }}<|assistant|>
-{{ end }}
-{{- end }}"""
-
 # Mistral v0.3's layout, told apart from v0.1/v0.2 and Nemo by its spacing: "[INST] " and " " + reply.
 MISTRAL_V3 = (r"""\[INST\] ["']\s*\+\s*system_message""",
               r"""["'] ["']\s*\+\s*message\[["']content["']\]\s*\|\s*trim\s*\+\s*eos_token""")
@@ -128,29 +93,54 @@ MISTRAL_V3 = (r"""\[INST\] ["']\s*\+\s*system_message""",
 CHATML_OTHERS = ("<think>", "Reasoning Mode", "<|im_sep|>")
 
 
-def modelfile_template(chat_template: str) -> str | None:
-    """The Go template for Ollama that renders what the Jinja `chat_template` renders; None for an unknown family."""
+# family -> the name of its template in Unsloth's OLLAMA_TEMPLATES, for the families where it renders what
+# the Jinja original renders (tests/test_ollama.py); the others are written above
+FROM_UNSLOTH = {"llama-3": "llama-3", "chatml": "chatml", "gemma": "gemma2", "phi-3": "phi-3"}
+QWEN_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}<]+)<\|im_end\|>")
+
+
+def chat_family(chat_template: str) -> str | None:
+    """The layout family of a Jinja chat template, from the markers it writes; None for an unknown one, or
+    one whose layout no Go template here renders (thinking blocks, other Mistral spacings)."""
     t = chat_template
     if t == TINY_CHAT_TEMPLATE:  # our own, recognised exactly: its markers look like Zephyr's and Phi's
-        return TINY
+        return "tiny"
     if "<|start_header_id|>" in t:
-        if "Cutting Knowledge Date" not in t:
-            return LLAMA3
-        date = re.search(r"""date_string = ["']([^"']+)["']""", t)
-        return LLAMA31.replace("{date}", date[1] if date else "26 Jul 2024")
+        return "llama-3.1" if "Cutting Knowledge Date" in t else "llama-3"
     if "<|im_start|>" in t and "<|im_end|>" in t:
         if any(marker in t for marker in CHATML_OTHERS):
             return None
-        # Qwen's templates write a default system turn when the conversation has none
-        default = re.search(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}<]+)<\|im_end\|>", t)
-        otherwise = "{{ else }}<|im_start|>system\n" + default[1] + "<|im_end|>\n" if default else ""
-        return CHATML.replace("{default}", otherwise)
+        return "qwen" if QWEN_DEFAULT_SYSTEM.search(t) else "chatml"  # Qwen writes a default system turn
     if "[INST]" in t:
-        return MISTRAL if all(re.search(p, t) for p in MISTRAL_V3) else None
+        return "mistral-v0.3" if all(re.search(p, t) for p in MISTRAL_V3) else None
     if "<start_of_turn>" in t:
-        return GEMMA
+        return "gemma"
     if "<|user|>" in t and "<|end|>" in t:
-        return PHI3
+        return "phi-3"
+    return None
+
+
+def unsloth_template(name: str) -> str:
+    """The TEMPLATE of Unsloth's Modelfile for `name` (its sampling PARAMETERs are not taken)."""
+    from unsloth.ollama_template_mappers import OLLAMA_TEMPLATES
+    return re.search(r'TEMPLATE """(.*?)"""', OLLAMA_TEMPLATES[name], re.S)[1]
+
+
+def modelfile_template(chat_template: str) -> str | None:
+    """The Go template for Ollama that renders what the Jinja `chat_template` renders; None for an unknown family."""
+    family = chat_family(chat_template)
+    if family in FROM_UNSLOTH:
+        return unsloth_template(FROM_UNSLOTH[family])
+    if family == "tiny":
+        return TINY
+    if family == "llama-3.1":
+        date = re.search(r"""date_string = ["']([^"']+)["']""", chat_template)
+        return LLAMA31.replace("{date}", date[1] if date else "26 Jul 2024")
+    if family == "qwen":
+        default = QWEN_DEFAULT_SYSTEM.search(chat_template)[1]
+        return CHATML.replace("{default}", "{{ else }}<|im_start|>system\n" + default + "<|im_end|>\n")
+    if family == "mistral-v0.3":
+        return MISTRAL
     return None
 
 

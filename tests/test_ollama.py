@@ -1,8 +1,16 @@
 """Ollama Modelfiles: every translated chat template renders exactly what its Jinja original renders.
 
 Ollama renders Go text/template, and there is no Go here: a small interpreter below runs exactly the subset
-that app/ollama.py's templates use, and raises on anything else. The Jinja templates are the models' own
-(tests/data/templates/, as published with each model) plus tiny's, rendered the way transformers does."""
+that the TEMPLATEs use (app/ollama.py's own and those taken from Unsloth's library), and raises on anything
+else; `ollama_render` passes it what Ollama's template.Execute passes, in both of its forms. The Jinja
+templates are the models' own (tests/data/templates/, as published with each model) plus tiny's, rendered
+the way transformers does.
+
+Why each family app/ollama.py writes itself is not Unsloth's (UNSLOTH_DIFFERS checks the first claim):
+- tiny: Unsloth has none (it is ours);
+- llama-3.1, qwen (ChatML with Qwen's default system turn), mistral-v0.3: Unsloth's are in the `.Messages`
+  form with tool-call branches (`else if eq .Role "tool"`, `range .ToolCalls`, `json`) that this interpreter
+  does not run, so they cannot be shown here to render what the Jinja original renders; ours are shown to."""
 import json
 import re
 from pathlib import Path
@@ -13,7 +21,7 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from app import AppError
-from app.ollama import modelfile_template, write_modelfile
+from app.ollama import FROM_UNSLOTH, chat_family, modelfile_template, unsloth_template, write_modelfile
 from app.tiny import CHAT_TEMPLATE as TINY_CHAT_TEMPLATE
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
@@ -170,8 +178,11 @@ def go_render(template, data):
 
 
 def ollama_render(template, messages):
-    """What Ollama's template.Execute passes: .System joins the system messages, which also stay in
-    .Messages, and consecutive messages of one role (tool results aside) are merged."""
+    """What Ollama's template.Execute passes. A template over `.Messages`: .System joins the system
+    messages, which also stay in .Messages, and consecutive messages of one role (tool results aside) are
+    merged. A legacy one over .System/.Prompt/.Response: rendered once per exchange (a user message after a
+    reply starts the next; .System only in the first), then once more for the last exchange with the
+    template cut right after {{ .Response }}, so the reply is open (or, after an assistant message, continued)."""
     merged = []
     for m in messages:
         if merged and merged[-1]["Role"] == m["role"] != "tool":
@@ -179,7 +190,20 @@ def ollama_render(template, messages):
         else:
             merged.append({"Role": m["role"], "Content": m["content"]})
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    return go_render(template, {"System": system, "Messages": merged})
+    if ".Messages" in template:
+        return go_render(template, {"System": system, "Messages": merged})
+    out, turn = [], {"System": system, "Prompt": "", "Response": ""}
+    for m in merged:
+        if m["Role"] == "user" and turn["Response"]:
+            out.append(go_render(template, turn))
+            turn = {"System": "", "Prompt": "", "Response": ""}
+        if m["Role"] in ("user", "assistant"):
+            turn["Prompt" if m["Role"] == "user" else "Response"] = m["Content"]
+    cut = re.search(r"\{\{-?\s*\.Response\s*-?\}\}", template)
+    head = template[:cut.end()]
+    assert len(re.findall(r"\{\{-?\s*(?:if|range|with)\b", head)) == len(re.findall(r"\{\{-?\s*end\b", head)), \
+        "{{ .Response }} inside a block: Ollama's cut is not a cut of the text there"
+    return "".join(out) + go_render(head, turn)
 
 
 # ---------------------------------------------------------------- the Jinja side, as transformers renders it
@@ -234,6 +258,27 @@ def test_translation_renders_like_the_jinja_template(name, conversation):
             jinja_render(jinja, messages, bos, eos)
         return
     assert ollama_render(go, messages) == jinja_render(jinja, messages, bos, eos)
+
+
+def test_each_family_has_its_source():
+    """Every family with a Jinja template here is recognised, and those FROM_UNSLOTH get Unsloth's TEMPLATE."""
+    for name in FAMILIES:
+        jinja, _, _ = family(name)
+        found = chat_family(jinja)
+        assert found is not None, name
+        if found in FROM_UNSLOTH:
+            assert modelfile_template(jinja) == unsloth_template(FROM_UNSLOTH[found]), name
+    assert {chat_family(family(name)[0]) for name in FAMILIES} >= {*FROM_UNSLOTH, *UNSLOTH_NAMES, "tiny"}
+
+
+UNSLOTH_NAMES = {"llama-3.1": "llama-3.1", "qwen": "qwen-2.5", "mistral-v0.3": "mistral-v03"}
+
+
+@pytest.mark.parametrize("name", UNSLOTH_NAMES)
+def test_unsloths_template_for_the_families_written_here_is_beyond_the_interpreter(name):
+    """The reason in this module's docstring: Unsloth's TEMPLATE for these uses what the interpreter refuses."""
+    with pytest.raises((SyntaxError, KeyError)):
+        ollama_render(unsloth_template(UNSLOTH_NAMES[name]), [USER])
 
 
 @pytest.mark.parametrize("name", FAMILIES)
