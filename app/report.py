@@ -75,7 +75,8 @@ def write_report(run: Path) -> list[str]:
              "- GGUF: " + (", ".join(f"{t} {g['mib']} MiB (reward acc {fmt_pct(g['reward_accuracy'])}, log-prob "
                                      f"{fmt_pct(g['accuracy'])})" for t, g in s["ggufs"].items()) or "none")
              + f"; smoke test: {(s['smoke'] or 'not run').upper()}",
-             "", "![loss](plots/loss.png)", "![rewards](plots/rewards.png)", "![log-probs](plots/logps.png)",
+             "", *alarm_lines(train.get("alarms")),
+             "![loss](plots/loss.png)", "![rewards](plots/rewards.png)", "![log-probs](plots/logps.png)",
              "![held-out accuracy](plots/heldout_accuracy.png)", "",
              "## Held-out preference pairs",
              "",
@@ -105,6 +106,17 @@ def write_report(run: Path) -> list[str]:
         lines += ["## Smoke test: llama.cpp against the merged model", "", "```", format_table(smoke["results"]), "```"]
     write_text(run / "report.md", "\n".join(lines) + "\n")
     return [line[2:] for line in lines[2:7]]  # the five "- " lines under the title
+
+
+def alarm_lines(alarms: list[dict] | None) -> list[str]:
+    """The report's first section after the summary: what app/alarms.py found, each with its fix."""
+    if alarms is None:  # a run from before the alarms
+        return []
+    if not alarms:
+        return ["**Alarms: none** (checked: the loss moved, no 100% reward accuracy from the start, the reference "
+                "was the starting model, the pairs differ and do not repeat the prompt, the replies kept their "
+                "length; app/alarms.py).", ""]
+    return ["## Alarms", ""] + [f"- **{a['name']}**: {a['message']}. *Fix:* {a['fix']}." for a in alarms] + [""]
 
 
 def pair_row(name: str, p: dict) -> str:

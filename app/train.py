@@ -17,6 +17,7 @@ from pathlib import Path
 from transformers import PrinterCallback, TrainerCallback
 
 from app import AppError
+from app.alarms import MAX_PAIRS, data_alarms, length_alarms, training_alarms
 from app.evaluate import (generate_replies, held_out_pairs, score_pairs_hf, score_pairs_reward, summarize_scores,
                           unsloth_inference)
 from app.recipe import trl_config_default
@@ -101,6 +102,7 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     model.save_pretrained(str(run / "adapter"))
     tokenizer.save_pretrained(str(run / "adapter"))
     return {
+        "alarms": run_alarms(method, run / "metrics.jsonl", result.global_step, args, data, tokenizer, before, after),
         "method": method, "steps": result.global_step,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
         "train_loss": result.training_loss, "eval": {k: v for k, v in final_eval.items() if k.startswith("eval_")},
@@ -109,6 +111,28 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
                  "train": len(data.train), "eval": 0 if data.eval is None else len(data.eval)},
         "replies": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(probes, before, after)],
     }
+
+
+def run_alarms(method, metrics: Path, steps: int, args, data, tokenizer, before, after) -> list[dict]:
+    """app.alarms over this run: its logged metrics, its first training pairs as text, the token counts of
+    its probe replies and of the replies its data asks for (chosen, or desirable completions)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    loss_type = getattr(args, "loss_type", "sigmoid")
+    sigmoid = (loss_type if isinstance(loss_type, list) else [loss_type]) == ["sigmoid"]
+    rows = data.train.select(range(min(len(data.train), MAX_PAIRS))) if data.train is not None else []
+    pairs, targets = [], []
+    for row in rows:
+        if "chosen" in row and "prompt" in row:
+            users = [m["content"] for m in row["prompt"] if m["role"] == "user"]
+            pairs.append((users[-1] if users else "", row["chosen"][-1]["content"], row["rejected"][-1]["content"]))
+            targets.append(row["chosen"][-1]["content"])
+        elif "completion" in row and row.get("label", True):
+            targets.append(row["completion"][-1]["content"])
+
+    def tokens(texts):
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+    return (training_alarms(method, records, steps, sigmoid) + data_alarms(pairs)
+            + length_alarms(tokens(before), tokens(after), tokens(targets[:1000])))
 
 
 def _no_grad():
@@ -204,7 +228,7 @@ def format_log_line(r: dict, max_steps: int) -> str | None:
 
 def training_summary_lines(s: dict) -> list[str]:
     """What the console says after training: held-out accuracy, the method's held-out loss, probe replies."""
-    lines = []
+    lines = [f"ALARM ({a['name']}): {a['message']}; fix: {a['fix']}" for a in s.get("alarms", [])]
     method = s.get("method", "dpo").upper()
     before, after = s["preference"]["base"], s["preference"]["trained"]
     if after.get("pairs"):

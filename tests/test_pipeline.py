@@ -27,6 +27,13 @@ def test_dpo_loss_falls_and_heldout_accuracy_is_well_above_chance(tiny_run):
     assert [r["step"] for r in train] == sorted({r["step"] for r in train})  # each logged step once
 
 
+def test_the_tiny_run_trips_no_alarm(tiny_run):
+    """A run that worked says so: train.json's alarms are empty and the report says none tripped (each alarm
+    is tripped by data made for it in test_alarms.py)."""
+    assert json.loads((tiny_run / "train.json").read_text())["alarms"] == []
+    assert "**Alarms: none**" in (tiny_run / "report.md").read_text()
+
+
 def test_after_dpo_the_replies_keep_to_the_prompts_topic(tiny_run):
     """DPO changes the manner, not the content: each probe's reply names the probe's topic (its last word,
     singular) in most probes, after as before. Greedy replies vary with the machine's arithmetic; the
