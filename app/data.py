@@ -133,10 +133,20 @@ def split_held_out(rows: list[dict], data: dict, normalize):
         return dataset, datasets.Dataset.from_list(eval_rows)
     if not share:
         return dataset, None
-    n_eval = max(1, round(len(dataset) * share))
-    if len(dataset) - n_eval < 1:
-        raise AppError(f"{source}: {len(dataset)} rows are too few to hold out {share:.0%} for evaluation")
+    n_eval = held_out_count(len(dataset), data, source)
     return dataset.select(range(n_eval, len(dataset))), dataset.select(range(n_eval))
+
+
+def held_out_count(rows: int, data: dict, source: str) -> int:
+    """How many of `rows` the data section holds out: none with a named eval_split (its own rows are) or
+    no eval_share, else eval_share of them and at least one; AppError when none would be left to train on."""
+    share = data.get("eval_share") or 0
+    if data.get("eval_split") or not share:
+        return 0
+    n_eval = max(1, round(rows * share))
+    if rows - n_eval < 1:
+        raise AppError(f"{source}: {rows} rows are too few to hold out {share:.0%} for evaluation")
+    return n_eval
 
 
 def inspect_data(data: dict, tokenizer=None, max_length: int | None = None) -> tuple[dict, list[dict]]:

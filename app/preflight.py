@@ -219,10 +219,7 @@ def check_data(recipe) -> tuple[str, int | None]:
     if not rows:
         reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
         raise AppError(f"{source}: no usable rows among {len(read)} ({reasons})")
-    share = recipe.data.get("eval_share") or 0
-    held_out = 0 if recipe.data.get("eval_split") else max(1, round(len(rows) * share)) if share else 0
-    if len(rows) - held_out < 1:
-        raise AppError(f"{source}: {len(rows)} rows are too few to hold out {share:.0%} for evaluation")
+    held_out = appdata.held_out_count(len(rows), recipe.data, source)
     dropped_text = "".join(f", {n} dropped ({reason})" for reason, n in dropped.items())
     return (f"data: {source} ({'+'.join(sorted(formats))}): {len(rows)} usable of {len(read)} rows{dropped_text}",
             len(rows) - held_out)
