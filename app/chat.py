@@ -143,7 +143,9 @@ def fit_history(count, system: str | None, turns: list[dict], max_tokens: int, n
     dropped = 0
     while (used := count(with_system(system, turns))) + max_tokens > n_ctx:
         if len(turns) < 3:
-            return keep_the_end(count, system, turns[-1:], max_tokens, n_ctx)
+            turns = [keep_the_end(count, system, turns[-1], max_tokens, n_ctx)]
+            used = count(with_system(system, turns))
+            break
         turns, dropped = turns[2:], dropped + 1
     if dropped:
         print(f"note: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} to stay within the context of "
@@ -151,16 +153,16 @@ def fit_history(count, system: str | None, turns: list[dict], max_tokens: int, n
     return turns
 
 
-def keep_the_end(count, system: str | None, turns: list[dict], max_tokens: int, n_ctx: int) -> list[dict]:
-    """The one message in `turns` cut to its longest ending that fits, found by bisection on where it starts
-    (a pasted text's last part is what the question is about); said on stderr."""
-    text = turns[-1]["content"]
+def keep_the_end(count, system: str | None, message: dict, max_tokens: int, n_ctx: int) -> dict:
+    """`message` cut to its longest ending that fits, found by bisection on where it starts (a pasted
+    text's last part is what the question is about); said on stderr."""
+    text = message["content"]
 
     def fits(start: int) -> bool:
-        return count(with_system(system, [{**turns[-1], "content": text[start:]}])) + max_tokens <= n_ctx
+        return count(with_system(system, [{**message, "content": text[start:]}])) + max_tokens <= n_ctx
 
     if not fits(len(text)):
-        empty = count(with_system(system, [{**turns[-1], "content": ""}]))
+        empty = count(with_system(system, [{**message, "content": ""}]))
         raise AppError(f"the system prompt and chat template take {empty} tokens; with --max-tokens {max_tokens} "
                        f"not even an empty message fits the context of {n_ctx} (--ctx)")
     low, high = 0, len(text)  # fits(high); the answer is the smallest start that fits
@@ -169,7 +171,7 @@ def keep_the_end(count, system: str | None, turns: list[dict], max_tokens: int, 
         low, high = (low, middle) if fits(middle) else (middle + 1, high)
     print(f"note: the message is longer than the context of {n_ctx} tokens (with --max-tokens {max_tokens}): "
           f"kept its last {len(text) - low:,} of {len(text):,} characters", file=sys.stderr)
-    return [{**turns[-1], "content": text[low:]}]
+    return {**message, "content": text[low:]}
 
 
 def stream_reply(llm, messages: list[dict], sampling: dict, interactive: bool) -> str:

@@ -25,9 +25,9 @@ def is_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def offline() -> bool:
-    """HF_HUB_OFFLINE, read as huggingface_hub reads it."""
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+def offline(variable: str = "HF_HUB_OFFLINE") -> bool:
+    """HF_HUB_OFFLINE (or datasets' HF_DATASETS_OFFLINE), read as huggingface_hub and datasets read it."""
+    return os.environ.get(variable, "").lower() in ("1", "true", "yes", "on")
 
 
 def resolve_model_source(recipe) -> str:

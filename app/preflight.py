@@ -199,7 +199,7 @@ def check_data(recipe) -> tuple[str, int | None]:
         rows = round(max_rows * (1 - (recipe.data.get("eval_share") or 0))) if max_rows else None
         if cached:
             return f"data: hub dataset {source} is in the local cache (its rows are checked when training loads it)", rows
-        if offline() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):  # as datasets reads it
+        if offline() or offline("HF_DATASETS_OFFLINE"):
             raise AppError(f"dataset '{source}' is not in the local Hugging Face cache and offline mode is set; "
                            f"fix: download it once with network, or point data.source at a local file")
         return f"data: hub dataset {source} is not cached: training downloads it first", rows
