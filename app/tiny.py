@@ -16,6 +16,7 @@ count) grows into another model, with other replies and other test margins. The 
 a child process pinned to generic kernels and one thread (PINNED_ENV), which makes it a pure function of
 the corpus and the settings. `weights_digest` is logged so two machines can compare builds.
 """
+import fcntl
 import hashlib
 import io
 import math
@@ -63,6 +64,18 @@ def ensure_tiny_model(log=print) -> Path:
     stamp = CACHE / "fingerprint.txt"
     if stamp.exists() and stamp.read_text() == fingerprint():
         return CACHE
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    # one builder at a time (two `make` targets, or a test session and a command, may start together): the
+    # others wait here and then take its build; without the lock they shared one .tmp folder and one
+    # removed what another was writing (a model without its tokenizer)
+    with open(CACHE.with_name(CACHE.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists() and stamp.read_text() == fingerprint():
+            return CACHE
+        return _build_pinned(log)
+
+
+def _build_pinned(log) -> Path:
     log(f"building the tiny model in {CACHE} (once; about two minutes)")
     tmp = CACHE.with_name(CACHE.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
