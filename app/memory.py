@@ -204,7 +204,8 @@ def estimate_training_memory(recipe, *, batch: int | None = None, length: int | 
     length = length or train_setting(recipe, "max_length")
     section = training_section(recipe)
     has_reference = training_method(recipe) in REFERENCE_METHODS
-    precompute_ref = section.get("precompute_ref_log_probs", False) if precompute_ref is None else precompute_ref
+    # dpo's "auto" may still score the reference in every step (app/refcache.py): counted, the safe side
+    precompute_ref = section.get("precompute_ref_log_probs") is True if precompute_ref is None else precompute_ref
     chunked = fused_lm_head() if chunked is None else chunked
     four_bit = bool(recipe.model.get("load_in_4bit"))
     act = 4 if recipe.model.get("dtype") == "float32" else 2  # bytes of an activation (Unsloth: bf16 or fp16)
@@ -248,7 +249,7 @@ def fit_to_memory(recipe, free_gib: float, arch: Architecture | None = None) -> 
     accum = train_setting(recipe, "gradient_accumulation_steps")
     effective = batch * accum
     section = training_section(recipe)
-    chosen, precompute = None, bool(section.get("precompute_ref_log_probs", False))
+    chosen, precompute = None, section.get("precompute_ref_log_probs") is True
     for b in sorted((d for d in range(1, effective + 1) if effective % d == 0), reverse=True):
         estimate = estimate_training_memory(recipe, batch=b, arch=arch)
         if estimate.total <= free_gib:
@@ -262,7 +263,7 @@ def fit_to_memory(recipe, free_gib: float, arch: Architecture | None = None) -> 
         changes["per_device_train_batch_size"] = chosen
     if effective // chosen != accum:
         changes["gradient_accumulation_steps"] = effective // chosen
-    if precompute and not section.get("precompute_ref_log_probs"):
+    if precompute and section.get("precompute_ref_log_probs") is not True:
         changes["precompute_ref_log_probs"] = True
     shape = f"batch {chosen} x accumulation {effective // chosen} (effective batch {effective})"
     what = (f"{shape}, was {batch} x {accum}" if chosen != batch else f"{shape} kept") + (

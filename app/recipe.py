@@ -236,6 +236,8 @@ def _check_values(r: Recipe):
             raise AppError(f"{where} export.gguf type '{t}' is not one of {', '.join(GGUF_TYPES)}")
 
 
+# values the app takes for a TRL field beyond its type: the reference cache's default (app/refcache.py)
+APP_VALUES = {"dpo.precompute_ref_log_probs": ("auto",)}
 TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text", list: "a list",
               dict: "a mapping", type(None): "null"}
 
@@ -256,7 +258,8 @@ def _check_types(r: Recipe):
     checks = [(f"{s}.{k}", getattr(r, s)[k], kinds) for s in OURS for k, kinds in our_key_types(s).items()]
     for method in METHODS:
         annotations = trl_config_types(method)
-        checks += [(f"{method}.{k}", v, annotations[k]) for k, v in getattr(r, method).items() if annotations.get(k)]
+        checks += [(f"{method}.{k}", v, annotations[k]) for k, v in getattr(r, method).items()
+                   if annotations.get(k) and v not in APP_VALUES.get(f"{method}.{k}", ())]
         for k, v in getattr(r, method).items():  # YAML 1.1 reads no/yes/on/off as booleans
             if isinstance(v, bool) and k in trl_text_fields(method):
                 raise AppError(f"{r.path}: {method}.{k} must be text, got {v!r} (YAML reads no, yes, on and off as "
@@ -266,9 +269,10 @@ def _check_types(r: Recipe):
         ok = any(isinstance(value, k) and not (k in (int, float) and isinstance(value, bool))
                  or (k is float and isinstance(value, int) and not isinstance(value, bool)) for k in kinds)
         if not ok:
+            also = "".join(f" or {v!r}" for v in APP_VALUES.get(key, ()))
             hint = (" (YAML reads a number like 5e-4 as text: write 5.0e-4)" if isinstance(value, str)
                     and re.fullmatch(r"[-+]?[\d.]+e[-+]?\d+", value, re.I) else "")
-            raise AppError(f"{r.path}: {key} must be {' or '.join(TYPE_NAMES[k] for k in kinds)}, got {value!r}{hint}")
+            raise AppError(f"{r.path}: {key} must be {' or '.join(TYPE_NAMES[k] for k in kinds)}{also}, got {value!r}{hint}")
         if key in positive and value is not None and value <= 0:
             raise AppError(f"{r.path}: {key} must be positive, got {value!r}")
     if r.model["dtype"] not in DTYPES:

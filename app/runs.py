@@ -62,10 +62,15 @@ def write_json(path: Path, value):
 
 
 def write_text(path: Path, text: str):
-    """Write to a temporary name and rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: Path, data: bytes):
+    """Write to a temporary name and rename: a reader never sees half a file (the name holds the process id,
+    so two processes writing one file never write into each other's temporary)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if disk_full(e):

@@ -20,7 +20,9 @@ from app import AppError
 from app.alarms import MAX_PAIRS, data_alarms, length_alarms, training_alarms
 from app.evaluate import (generate_replies, held_out_pairs, score_pairs_hf, score_pairs_reward, summarize_scores,
                           unsloth_inference)
+from app.model import local_model_folder
 from app.recipe import trl_config_default
+from app.refcache import attach_reference_log_probs, reference_line
 from app.runs import checkpoint_step, last_checkpoint, write_json, write_text
 
 # method -> (module, config class, trainer class, whether the trainer takes ref_model=None: adapters off)
@@ -36,11 +38,14 @@ def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbac
     module, config_class, trainer_class, takes_ref = TRAINERS[method]
     module = importlib.import_module(module)
     on_gpu = torch.cuda.is_available()
+    fields = dict(getattr(recipe, method))
+    if method == "dpo":  # app/refcache.py scores the reference once and hands TRL its columns (see train())
+        fields["precompute_ref_log_probs"] = False
     args = getattr(module, config_class)(**{
         "output_dir": str(run / "checkpoints"), "report_to": "none", "disable_tqdm": True,  # our bar, our lines
         "include_num_input_tokens_seen": "non_padding", "save_total_limit": 2,
         "bf16": on_gpu and torch.cuda.is_bf16_supported(), "fp16": on_gpu and not torch.cuda.is_bf16_supported(),
-        **getattr(recipe, method)})
+        **fields})
     extra = {"ref_model": None} if takes_ref else {}
     trainer = getattr(module, trainer_class)(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                                              processing_class=tokenizer, callbacks=callbacks, **extra)
@@ -54,6 +59,10 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     states and goes on from its step; metrics logged after that step are dropped first (they are redone)."""
     log = MetricsLog(run / "metrics.jsonl", method)
     trainer = make_trainer(method, model, tokenizer, data, recipe, run, [log])
+    reference = None
+    if method == "dpo":  # from the cache, scored once, or in every step (precompute_ref_log_probs)
+        reference = attach_reference_log_probs(trainer, recipe, local_model_folder(str(recipe.model["name"])))
+        print(reference_line(reference))
     args, causal = trainer.args, method != "reward"
     # sft has none: its margins are reported at DPO's default beta (reward accuracy does not depend on it)
     beta = getattr(args, "beta", None) or trl_config_default("dpo", "beta")
@@ -103,7 +112,7 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     tokenizer.save_pretrained(str(run / "adapter"))
     return {
         "alarms": run_alarms(method, run / "metrics.jsonl", result.global_step, args, data, tokenizer, before, after),
-        "method": method, "steps": result.global_step,
+        "method": method, "steps": result.global_step, "reference": reference,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
         "train_loss": result.training_loss, "eval": {k: v for k, v in final_eval.items() if k.startswith("eval_")},
         "preference": preference, "peak_memory_gb": peak_memory_gb(),

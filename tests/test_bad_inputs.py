@@ -71,6 +71,8 @@ CASES = {
     "recipe: unknown key": (recipe("unknown_key"), "unknown key 'lora.lora_alfa'; did you mean 'lora.lora_alpha'?"),
     "recipe: misspelt DPO key": (recipe("unknown_dpo_key"), "unknown key 'dpo.betta'; did you mean 'dpo.beta'?"),
     "recipe: wrong type": (recipe("wrong_type"), "wrong_type.yaml: lora.r must be a whole number, got 'sixteen'"),
+    "recipe: reference cache setting": (["dpo", BASE, "--set", "dpo.precompute_ref_log_probs=sometimes"],
+                                        "dpo.precompute_ref_log_probs must be true or false or 'auto', got 'sometimes'"),
     "recipe: `no` read as false": (["dpo", BASE, "--set", "dpo.eval_strategy=no"],
                                    "dpo.eval_strategy must be text, got False (YAML reads no, yes, on and off"),
     "recipe: number read as text": (recipe("number_as_text"),
