@@ -12,7 +12,9 @@ errors. Nothing else.
     python -m app serve [RUN_OR_GGUF] [--port 8000] [--api-key]  an OpenAI-compatible server for a GGUF
     python -m app data inspect SOURCE [--recipe R] [--json]     a dataset as the trainer will see it
     python -m app verify [RUN]                                  re-hash a run against its manifest
-    python -m app report [RUN]                                  rebuild report.md and plots/ of a run
+    python -m app report [RUN]                                  rebuild report.md, plots/ and the model cards of a run
+    python -m app push [RUN] --repo USER/NAME [--gguf-only] [--private] [--dry-run]
+                                                                upload merged/ and gguf/ to the Hugging Face hub
     python -m app runs [--sort COLUMN [--desc]] [--json]        one table of every run in exports/
     python -m app recipes                                       list the recipes
     python -m app preflight [--recipe R] [--set ...]            seconds of checks before training (dpo runs them)
@@ -83,8 +85,15 @@ def main(argv=None) -> int:
     p.add_argument("--dump", metavar="FILE", help="write the normalized rows (before templating) as JSONL")
     p = sub.add_parser("verify", help="re-hash a run's files against its manifest")
     p.add_argument("run", nargs="?", default="latest")
-    p = sub.add_parser("report", help="rebuild a run's report.md and plots/ from its folder")
+    p = sub.add_parser("report", help="rebuild a run's report.md, plots/ and model cards from its folder")
     p.add_argument("run", nargs="?", default="latest")
+    p = sub.add_parser("push", help="upload a run's merged weights and GGUF files, with their model cards, to the hub")
+    p.add_argument("run", nargs="?", default="latest")
+    p.add_argument("--repo", required=True, metavar="USER/NAME", help="the hub repository (created if needed); "
+                   "NAME alone: under your own account")
+    p.add_argument("--gguf-only", action="store_true", help="only gguf/ (at the repo's root), not the merged weights")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--dry-run", action="store_true", help="list the files and their sizes; upload nothing")
     p = sub.add_parser("runs", help="one table of every run in exports/")
     p.add_argument("--sort", default="run", help="a column, e.g. accuracy_after (default: run, i.e. by time)")
     p.add_argument("--desc", action="store_true", help="sort descending")
@@ -224,13 +233,23 @@ def cmd_verify(args):
 
 
 def cmd_report(args):
+    from app.card import write_model_card
     from app.report import write_report
     from app.runs import resolve_run, rewriting_finished_run
 
     run = resolve_run(args.run, write=True)
     with rewriting_finished_run(run):
         summary = write_report(run)
+        cards = write_model_card(run)
     print("\n".join(summary) + f"\nreport: {run / 'report.md'}")
+    for card in cards:
+        print(f"model card: {card}")
+
+
+def cmd_push(args):
+    from app.push import push_run
+    from app.runs import resolve_run
+    push_run(resolve_run(args.run), args.repo, gguf_only=args.gguf_only, private=args.private, dry_run=args.dry_run)
 
 
 def cmd_runs(args):
@@ -275,8 +294,9 @@ def cmd_preflight(args):
 
 
 COMMANDS = {**{m: cmd_train for m in ("train", "sft", "dpo", "orpo", "kto", "reward")}, "score": cmd_score, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "compare": cmd_compare,
-            "serve": cmd_serve, "data": cmd_data, "verify": cmd_verify, "report": cmd_report, "runs": cmd_runs,
-            "recipes": cmd_recipes, "setup": cmd_setup, "preflight": cmd_preflight, "gpu-check": cmd_gpu_check}
+            "serve": cmd_serve, "data": cmd_data, "verify": cmd_verify, "report": cmd_report,
+            "push": cmd_push, "runs": cmd_runs, "recipes": cmd_recipes, "setup": cmd_setup, "preflight": cmd_preflight,
+            "gpu-check": cmd_gpu_check}
 
 if __name__ == "__main__":
     sys.exit(main())

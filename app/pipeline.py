@@ -111,11 +111,12 @@ def export_run_folder(run: Path, log=print):
 
 
 def check_run(run: Path, recipe, log=print):
-    """llama.cpp against the merged model, then the report and the manifest (written last);
-    `latest` moves only when every GGUF passes."""
+    """llama.cpp against the merged model, then the report, the model cards and the manifest (written last,
+    naming them all); `latest` moves only when every GGUF passes."""
     import gc
 
     import torch
+    from app.card import write_model_card
     from app.report import write_report
     from app.runs import mark_latest, write_manifest
     from app.smoke import smoke_run
@@ -125,7 +126,10 @@ def check_run(run: Path, recipe, log=print):
         torch.cuda.empty_cache()
     log("smoke: llama.cpp against the merged model")
     results = smoke_run(run, recipe.export["probes"], log=log)
-    summary = write_report(run) if (run / "train.json").is_file() else []
+    summary = []
+    if (run / "train.json").is_file():
+        summary = write_report(run)
+        write_model_card(run)  # before the manifest, which names the cards too
     write_manifest(run)
     for line in summary:
         log(line)

@@ -54,12 +54,13 @@ def test_run_folder_is_complete_and_manifest_is_true(tiny_run):
     for name in ("recipe.yaml", "metrics.jsonl", "train.json", "smoke.json", "manifest.json",
                  "adapter/adapter_config.json", "merged/config.json", "merged/tokenizer.model",
                  "gguf/tiny-f16.gguf", "gguf/tiny-q8_0.gguf", "gguf/tiny-q4_k_m.gguf", "gguf/Modelfile",
-                 "preference_eval.json", "report.md", "plots/loss.png"):
+                 "preference_eval.json", "report.md", "plots/loss.png", "merged/README.md", "gguf/README.md"):
         assert (tiny_run / name).is_file(), name
     modelfile = (tiny_run / "gguf" / "Modelfile").read_text()
     assert "FROM ./tiny-q4_k_m.gguf" in modelfile and "TEMPLATE" in modelfile and 'PARAMETER stop "</s>"' in modelfile
     manifest = json.loads((tiny_run / "manifest.json").read_text())
-    for name in ("smoke.json", "report.md", "gguf/Modelfile", "gguf/tiny-q4_k_m.gguf"):
+    for name in ("smoke.json", "report.md", "gguf/Modelfile", "gguf/tiny-q4_k_m.gguf", "merged/README.md",
+                 "gguf/README.md"):
         assert name in manifest["files"], name
     for rel, entry in manifest["files"].items():
         assert (tiny_run / rel).stat().st_size == entry["bytes"], rel
@@ -126,6 +127,6 @@ def test_export_from_the_run_folder_alone_recreates_every_gguf(tiny_run):
     (tiny_run / "smoke.json").unlink()
     assert main(["export", str(tiny_run)]) == 0
     assert sorted(p.name for p in (tiny_run / "gguf").iterdir()) == [
-        "Modelfile", "tiny-f16.gguf", "tiny-q4_k_m.gguf", "tiny-q8_0.gguf"]
+        "Modelfile", "README.md", "tiny-f16.gguf", "tiny-q4_k_m.gguf", "tiny-q8_0.gguf"]
     assert json.loads((tiny_run / "smoke.json").read_text())["passed"]
     assert set(json.loads((tiny_run / "manifest.json").read_text())["files"]) >= {"gguf/tiny-q8_0.gguf", "smoke.json"}
