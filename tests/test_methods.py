@@ -12,7 +12,7 @@ from app.cli import main
 from app.runs import EXPORTS
 from tests.conftest import read_jsonl
 
-STEPS = 20
+STEPS = 20  # for the reward model and the sft -> dpo chain; sft, orpo and kto run their recipe's own steps
 
 
 @pytest.fixture
@@ -38,16 +38,18 @@ def new_runs():
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "orpo", "kto"])
 def test_each_method_lowers_its_loss_and_its_gguf_passes_smoke(method, new_runs):
-    assert main([method, "tiny", "--set", f"{method}.max_steps={STEPS}", "--set", "export.gguf=[f16]"]) == 0
+    # the recipe's own steps (40 each), as `make sft|orpo|kto` runs them: at 20, KTO's held-out loss went
+    # 0.5000 -> 0.5009 on the Intel build of tiny; at 40 it falls to 0.4962 (and log-prob accuracy 33% -> 70%)
+    assert main([method, "tiny", "--set", "export.gguf=[f16]"]) == 0
     (run,) = new_runs(f"tiny-{method}-")
-    # the held-out loss, on the same examples before and after: a training loss over 20 steps follows its
-    # batches (KTO's rose 0.498 -> 0.511 on one machine while every held-out measure improved)
+    # the held-out loss, on the same examples before and after: a training loss follows its batches (KTO's
+    # rose 0.498 -> 0.511 over 20 steps on one machine while every held-out measure improved)
     evals = [r["eval_loss"] for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r]
     assert len(evals) >= 2 and evals[-1] < evals[0], f"{method} held-out loss did not fall: {evals}"
     train = json.loads((run / "train.json").read_text())
-    assert train["method"] == method and train["steps"] == STEPS
+    assert train["method"] == method and train["steps"] == 40
     trained = train["preference"]["trained"]
-    if method == "orpo":  # 20 steps of ORPO are mostly its NLL term: its own preference term, held out
+    if method == "orpo":  # ORPO's first steps are mostly its NLL term: its own preference term, held out
         odds = [r["eval_log_odds_ratio"] for r in read_jsonl(run / "metrics.jsonl") if "eval_log_odds_ratio" in r]
         assert odds[-1] > odds[0], odds  # measured -0.206 -> -0.182
     else:  # chosen gained on rejected on most held-out pairs (measured: sft 77%, kto 73% of 30); the mean

