@@ -5,9 +5,11 @@
 #   make sft|orpo|kto|reward [MODEL=tiny] [STEPS=N]                  the other methods (reward: no export)
 #   make export|smoke|chat|report [RUN=exports/<run>] [QUANT=q4_k_m]
 #   make compare [RUN=exports/<run>] [QUANT=q4_k_m] [PROMPTS=file]   base vs aligned replies, side by side
+#   make eval [RUN=exports/<run>] [TASKS=t1,t2] [LIMIT=N] [GGUF=q8_0] lm-eval benchmarks, base against trained
 #   make serve [RUN=exports/<run>] [QUANT=q4_k_m] [PORT=8000]        OpenAI-compatible server on 127.0.0.1
 #   make gpu-check [DRY=1]                                           the GPU path in minutes (exit 2 without a GPU)
-#   make runs | bench | test | setup | clean
+#   make runs | bench | test | clean
+#   make setup [EXTRAS="tensorboard trackio"]                       the pins; EXTRAS: optional trackers too
 MODEL ?= tiny
 RUN ?= latest
 PYTHON ?= python3
@@ -30,9 +32,9 @@ endif
 # per set of flags here.
 LLAMA_WHEELS := $(HOME)/.cache/prefalign/llama-cpp-wheels/$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
-.PHONY: setup gpu-check dpo sft orpo kto reward preflight export smoke chat compare serve report runs recipes bench test clean
+.PHONY: setup gpu-check dpo sft orpo kto reward preflight export smoke chat compare eval serve report runs recipes bench test clean
 
-setup: $(READY)
+setup: $(READY) $(foreach e,$(EXTRAS),$(VENV)/.extra-$(e))
 
 # requirements.txt pins every package; it is installed with --no-deps because unsloth's metadata asks for a
 # certifi newer than the registry serves (FIELD-NOTES). torch goes first, with its own dependencies, so a
@@ -48,6 +50,12 @@ $(READY): requirements.txt
 	$(VENV)/bin/pip install --quiet --no-deps -r requirements.txt
 	$(PY) -m app setup
 	$(GPU_NOTE)
+	touch $@
+
+# an optional extra: the lines of requirements-extras.txt tagged `# NAME`, with --no-deps as the core
+$(VENV)/.extra-%: requirements-extras.txt $(READY)
+	@grep -Eq '^[^#]+# *$*$$' requirements-extras.txt || { echo "no extra '$*' in requirements-extras.txt"; exit 2; }
+	$(VENV)/bin/pip install --quiet --no-deps $$(grep -E '^[^#]+# *$*$$' requirements-extras.txt | cut -d' ' -f1)
 	touch $@
 
 # one target per method; a recipe whose stages end with it runs them all (make dpo MODEL=tiny-sft-dpo)
@@ -76,6 +84,10 @@ chat: $(READY)
 compare: $(READY)
 	$(PY) -m app compare $(RUN) $(if $(QUANT),--quant $(QUANT)) $(if $(PROMPTS),--prompts $(PROMPTS))
 
+# lm-eval on the merged model and its base (GGUF: also the GGUF, generation tasks only); eval.json, report.md
+eval: $(READY)
+	$(PY) -m app eval $(RUN) $(if $(TASKS),--tasks $(TASKS)) $(if $(LIMIT),--limit $(LIMIT)) $(if $(GGUF),--gguf $(GGUF))
+
 serve: $(READY)
 	$(PY) -m app serve $(RUN) $(if $(QUANT),--quant $(QUANT)) $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
@@ -94,7 +106,8 @@ bench: $(READY)
 	$(PY) bench/offline_default.py
 	$(PY) bench/dpo_speed.py --shape $(or $(SHAPE),tiny)   # on a GPU: make bench SHAPE=llama-1b
 
-test: $(READY)
+# with the tensorboard extra, so that its test (a short run writing event files) runs here and in CI
+test: $(READY) $(VENV)/.extra-tensorboard
 	$(PY) -m pytest -q tests
 
 clean:

@@ -13,6 +13,8 @@ errors. Nothing else.
     python -m app data inspect SOURCE [--recipe R] [--json]     a dataset as the trainer will see it
     python -m app verify [RUN]                                  re-hash a run against its manifest
     python -m app report [RUN]                                  rebuild report.md, plots/ and the model cards of a run
+    python -m app eval [RUN] [--tasks t1,t2] [--limit N] [--gguf [TYPE]]
+                                                                lm-eval benchmarks, base against trained
     python -m app push [RUN] --repo USER/NAME [--gguf-only] [--private] [--dry-run]
                                                                 upload merged/ and gguf/ to the Hugging Face hub
     python -m app runs [--sort COLUMN [--desc]] [--json]        one table of every run in exports/
@@ -87,6 +89,15 @@ def main(argv=None) -> int:
     p.add_argument("run", nargs="?", default="latest")
     p = sub.add_parser("report", help="rebuild a run's report.md, plots/ and model cards from its folder")
     p.add_argument("run", nargs="?", default="latest")
+    p = sub.add_parser("eval", help="standard benchmarks (lm-evaluation-harness): the base and the trained model "
+                       "on the same items, side by side in eval.json, report.md and `runs`")
+    p.add_argument("run", nargs="?", default="latest")
+    p.add_argument("--tasks", type=lambda text: [t for t in text.split(",") if t], metavar="T1,T2",
+                   help="lm-eval task names or task YAML files (default: the run's recipe's eval.tasks, "
+                        "eval.limit items of each)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N items of each task")
+    p.add_argument("--gguf", nargs="?", const="", metavar="TYPE", help="also the run's GGUF (this type, else "
+                   "the one chat uses) through llama-cpp-python's server: generation tasks only")
     p = sub.add_parser("push", help="upload a run's merged weights and GGUF files, with their model cards, to the hub")
     p.add_argument("run", nargs="?", default="latest")
     p.add_argument("--repo", required=True, metavar="USER/NAME", help="the hub repository (created if needed); "
@@ -112,7 +123,8 @@ def main(argv=None) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.verbose < 2:  # the libraries' own INFO is for their developers, not for a user of this app
-        for name in ("transformers", "datasets", "accelerate", "peft", "trl", "unsloth", "urllib3", "httpx"):
+        for name in ("transformers", "datasets", "accelerate", "peft", "trl", "unsloth", "urllib3", "httpx",
+                     "lm_eval"):
             logging.getLogger(name).setLevel(logging.WARNING)
     if not sys.stderr.isatty():  # progress bars garble logs and CI output; our own lines say the same
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -246,6 +258,16 @@ def cmd_report(args):
         print(f"model card: {card}")
 
 
+def cmd_eval(args):
+    from app.benchmarks import evaluate_run
+    from app.report import benchmark_lines
+    from app.runs import resolve_run
+
+    run = resolve_run(args.run, write=True)
+    evals = evaluate_run(run, args.tasks, args.limit, args.gguf)
+    print("\n".join(benchmark_lines(evals)[2:]) + f"\nsaved: {run / 'eval.json'}, {run / 'report.md'}")
+
+
 def cmd_push(args):
     from app.push import push_run
     from app.runs import resolve_run
@@ -294,7 +316,7 @@ def cmd_preflight(args):
 
 
 COMMANDS = {**{m: cmd_train for m in ("train", "sft", "dpo", "orpo", "kto", "reward")}, "score": cmd_score, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "compare": cmd_compare,
-            "serve": cmd_serve, "data": cmd_data, "verify": cmd_verify, "report": cmd_report,
+            "serve": cmd_serve, "data": cmd_data, "verify": cmd_verify, "report": cmd_report, "eval": cmd_eval,
             "push": cmd_push, "runs": cmd_runs, "recipes": cmd_recipes, "setup": cmd_setup, "preflight": cmd_preflight,
             "gpu-check": cmd_gpu_check}
 

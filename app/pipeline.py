@@ -6,6 +6,7 @@ last stages of a finished run. Progress lines go to `log` (the CLI passes print)
 are AppError, as everywhere.
 """
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -73,6 +74,9 @@ def run_stage(method: str, recipe, run=None, checkpoint=None, log=print) -> Path
         run = create_run(f"{recipe.name}-{method}")
         log(f"run folder: {run}")
     save_recipe(recipe, run / "recipe.yaml")
+    # report_to: tensorboard writes into the run: transformers 5 has no logging_dir, and its callback, first
+    # called by the step-0 evaluation before training begins, would write to ./runs/ in the current directory
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")
     summary = train(method, model, tokenizer, data, recipe, run, resume_from=checkpoint)
     write_json(run / "train.json", summary)
     for line in training_summary_lines(summary):

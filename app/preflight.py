@@ -2,6 +2,7 @@
 and its fix rather than after training. `python -m app preflight [--recipe R]`; `dpo` runs it first.
 
     versions    every pin in requirements.txt is the installed version (importlib.metadata)
+    trackers    every experiment tracker a method section's report_to names (TRL's field) is installed
     converter   llama.cpp's convert_hf_to_gguf.py is in .llamacpp/ and was unpacked from the installed
                 llama-cpp-python, i.e. the runtime's llama.cpp release (the VERSION that `make setup` records)
     model       app.model's file checks of a local folder (config.json, safetensors, tokenizer, template);
@@ -84,6 +85,7 @@ def run_preflight(recipe, *, requirements: Path = REQUIREMENTS, llamacpp_home: P
     probe = Probe(recipe, folder if check_tokenizer else None, llamacpp_home) if check_tokenizer or gpu_here else None
     try:
         ok(check_versions(requirements))
+        ok(check_trackers(recipe))
         ok(check_converter(llamacpp_home))
         ok(check_model_source(recipe, folder))
         text, train_rows = check_data(recipe)
@@ -143,6 +145,40 @@ def check_versions(requirements: Path = REQUIREMENTS) -> str:
         return (f"versions: {len(wrong)} of {pins} differ from {requirements.name}, allowed by PREFALIGN_ALLOW_UNPINNED: "
                 + ", ".join(f"{r.name} {h or 'missing'} (pinned {r.specifier})" for r, h in wrong))
     return f"versions: all {pins} pins in {requirements.name} are installed"
+
+
+# report_to names -> the packages transformers' callback imports (any one of them will do); the other names it
+# knows are left to transformers (transformers.integrations.INTEGRATION_TO_CALLBACK holds them all)
+UNCHECKED_TRACKERS = ("azure_ml", "dagshub", "flyte", "kubeflow", "neptune")
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",), "wandb": ("wandb",),
+            "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+            "swanlab": ("swanlab",), "codecarbon": ("codecarbon",)}
+EXTRAS = ("tensorboard", "trackio")  # trackers `make setup EXTRAS=...` installs, pinned in requirements-extras.txt
+
+
+def check_trackers(recipe) -> str:
+    """Every tracker named by report_to in any method section (whichever method runs) is importable: without
+    it transformers would stop at the first step, after the model has loaded."""
+    import importlib.util
+
+    from app.recipe import METHODS
+
+    asked = {}
+    for method in METHODS:
+        value = getattr(recipe, method).get("report_to") or []
+        for name in [value] if isinstance(value, str) else value:
+            if name not in ("none", "all"):  # all: transformers takes whichever trackers are installed
+                asked.setdefault(name, f"{method}.report_to")
+    for name, where in asked.items():
+        if name not in TRACKERS and name not in UNCHECKED_TRACKERS:
+            raise AppError(f"{where}: '{name}' is not a tracker transformers knows; one of "
+                           f"{', '.join([*TRACKERS, *UNCHECKED_TRACKERS])}, or none")
+        if name in TRACKERS and not any(importlib.util.find_spec(m) for m in TRACKERS[name]):
+            fix = f"make setup EXTRAS={name}" if name in EXTRAS else f"pip install {name}"
+            raise AppError(f"{where} asks for {name}, which is not installed; fix: {fix}, or take it out of "
+                           f"{where}")
+    return (f"trackers: {', '.join(f'{n} ({w})' for n, w in asked.items())}" if asked else
+            "trackers: none (a method section's report_to: tensorboard, trackio or wandb turns one on)")
 
 
 def check_converter(home: Path = llamacpp.HOME) -> str:

@@ -1,6 +1,6 @@
 """Recipes: one YAML file per model or method, validated before anything heavy is loaded.
 
-A recipe has four sections of ours, `model`, `lora`, `data` and `export`, whose keys, defaults, types and
+A recipe has five sections of ours, `model`, `lora`, `data`, `export` and `eval`, whose keys, defaults, types and
 help live in the dataclasses below (one place: validation, defaults and `--help`-style docs all read them);
 one section per training method whose keys are that TRL config's own field names (checked against TRL's
 dataclass, parsed from its source, so a field TRL adds works here unchanged); and three optional top-level
@@ -80,7 +80,17 @@ class ExportSection:
     base: bool = key(False, "also convert the untrained base to GGUF, for `compare`")
 
 
-OURS = {"model": ModelSection, "lora": LoraSection, "data": DataSection, "export": ExportSection}
+@dataclasses.dataclass
+class EvalSection:
+    # general ability (arc_easy, hellaswag) and a safety-oriented task (truthfulqa_mc2); minutes each in
+    # app/benchmarks.py TASK_COST
+    tasks: list = key(["truthfulqa_mc2", "arc_easy", "hellaswag"],
+                      "lm-eval tasks for `python -m app eval`: lm-eval names or task YAML files")
+    limit: int | None = key(1000, "the first N items of each task (null: every item)", positive=True)
+
+
+OURS = {"model": ModelSection, "lora": LoraSection, "data": DataSection, "export": ExportSection,
+        "eval": EvalSection}
 DTYPES = (None, "auto", "float32", "float16", "bfloat16")
 
 
@@ -103,6 +113,7 @@ class Recipe:
     lora: dict
     data: dict
     export: dict
+    eval: dict     # lm-eval tasks for `python -m app eval`
     stages: list   # methods, run in order: [dpo], [sft, dpo], ...
     sft: dict      # keyword arguments for trl.SFTConfig, and so on
     dpo: dict

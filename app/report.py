@@ -1,6 +1,6 @@
 """The report stage: exports/<run>/report.md with plots, from the run folder alone; and the table of runs.
 
-Reads recipe.yaml, train.json, metrics.jsonl, preference_eval.json and smoke.json; writes report.md and
+Reads recipe.yaml, train.json, metrics.jsonl, preference_eval.json, smoke.json and eval.json; writes report.md and
 plots/*.png (matplotlib). `python -m app report RUN` rebuilds them; `python -m app runs` tabulates runs.
 """
 import json
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from app.benchmarks import headline, stderr_key
 from app.gguf import gguf_type
 from app.runs import EXPORTS, write_text
 
@@ -21,7 +22,7 @@ def summarize_run(run: Path) -> dict | None:
     if train is None or not recipe.is_file():
         return None
     recipe = yaml.safe_load(recipe.read_text())
-    smoke = read_json(run / "smoke.json")
+    smoke, bench = read_json(run / "smoke.json"), benchmark_summary(read_json(run / "eval.json"))
     pref = train.get("preference", {})
     before, after = pref.get("base", {}), pref.get("trained", {})
     ggufs = {}
@@ -42,8 +43,20 @@ def summarize_run(run: Path) -> dict | None:
         "margin_before": before.get("margin"),
         "margin_after": after.get("margin"),
         "eval_reward_accuracy": train.get("eval", {}).get("eval_rewards/accuracies"),
-        "ggufs": ggufs, "smoke": None if smoke is None else ("pass" if smoke["passed"] else "fail"),
+        "ggufs": ggufs, "smoke": None if smoke is None else ("pass" if smoke["passed"] else "fail"), **bench,
     }
+
+
+def benchmark_summary(evals: dict | None) -> dict:
+    """The runs table's benchmark columns from eval.json: how many tasks, and the mean of each task's main
+    metric for the base and the trained model (None without eval.json)."""
+    pairs = [(headline((evals.get("base_results") or {}).get(task, {})), headline(trained))
+             for task, trained in (evals or {}).get("results", {}).items()]
+    pairs = [(b, t) for b, t in pairs if b is not None and t is not None]
+    if not pairs:
+        return {"bench_tasks": None, "bench_base": None, "bench_trained": None}
+    return {"bench_tasks": len(pairs), "bench_base": sum(b for b, _ in pairs) / len(pairs),
+            "bench_trained": sum(t for _, t in pairs) / len(pairs)}
 
 
 def write_report(run: Path) -> list[str]:
@@ -101,11 +114,48 @@ def write_report(run: Path) -> list[str]:
     lines += ["", "## Probe replies (greedy), before and after", ""]
     for r in train.get("replies", []):
         lines += [f"**{r['prompt']}**", "", f"- before: {r['before']}", f"- after: {r['after']}", ""]
+    lines += benchmark_lines(read_json(run / "eval.json"))
     if smoke["results"]:
         from app.smoke import format_table
         lines += ["## Smoke test: llama.cpp against the merged model", "", "```", format_table(smoke["results"]), "```"]
     write_text(run / "report.md", "\n".join(lines) + "\n")
     return [line[2:] for line in lines[2:7]]  # the five "- " lines under the title
+
+
+def benchmark_lines(evals: dict | None) -> list[str]:
+    """eval.json (`python -m app eval`) as a table: every metric of every task, base against trained (and the
+    GGUF where it was measured), with lm-eval's standard error."""
+    if not evals:
+        return []
+    base_all, gguf_all, items = evals.get("base_results", {}), evals.get("gguf_results"), evals.get("items", {})
+    same = items.get("base") == items.get("trained") and all(
+        items["trained"].get(task) == seen for task, seen in items.get("gguf", {}).items())
+    lines = ["## Standard benchmarks (lm-evaluation-harness)", "",
+             f"lm-eval {evals['lm_eval_version']}, base `{evals['base']}` against the trained merged model"
+             + (f" and {evals['gguf']} (llama.cpp, generation tasks only)" if gguf_all else "") + "; "
+             + (f"the first {evals['limit']} items" if evals.get("limit") else "every item") + " of each task: "
+             + ", ".join(f"{task} {seen['count']}" for task, seen in items.get("trained", {}).items())
+             + ("; the same items for every model (lm-eval's doc ids and prompt hashes)." if same else
+                "; **the models were not evaluated on the same items** (see eval.json's `items`)."), "",
+             "| task | metric | base | trained | trained - base |" + (f" {evals['gguf']} |" if gguf_all else ""),
+             "|---|---|---|---|---|" + ("---|" if gguf_all else "")]
+    for task, trained in evals["results"].items():
+        base, gguf = base_all.get(task, {}), (gguf_all or {}).get(task, {})
+        for metric, value in trained.items():
+            if "_stderr" in metric:
+                continue
+            cells = [fmt_metric(m, metric) for m in (base, trained)]
+            change = f"{value - base[metric]:+.4f}" if metric in base else "-"
+            lines.append(f"| {task} | {metric} | {cells[0]} | {cells[1]} | {change} |"
+                         + (f" {fmt_metric(gguf, metric)} |" if gguf_all else ""))
+    return lines + [""]
+
+
+def fmt_metric(task_metrics: dict, metric: str) -> str:
+    if metric not in task_metrics:
+        return "-"
+    error = task_metrics.get(stderr_key(metric))
+    return f"{task_metrics[metric]:.4f}" + (f" ± {error:.4f}" if error is not None else "")
 
 
 def alarm_lines(alarms: list[dict] | None) -> list[str]:
@@ -213,12 +263,14 @@ def list_runs(sort: str = "run", descending: bool = False) -> list[dict]:
 def format_runs_table(rows) -> str:
     """Accuracies: log-prob before -> after, then DPO reward accuracy of the trained model and each GGUF."""
     lines = [f"{'run':<34} {'recipe':<12} {'method':<6} {'steps':>5} {'train s':>7} {'peak GB':>7} {'log-prob acc':>12} "
-             f"{'reward acc':>10}  {'GGUF (MiB, reward acc)':<40} smoke"]
+             f"{'reward acc':>10}  {'GGUF (MiB, reward acc)':<40} {'smoke':<5}  bench: tasks base > trained"]
     for r in rows:
         ggufs = " ".join(f"{t}:{g['mib']}:{fmt_pct(g['reward_accuracy'])}" for t, g in r["ggufs"].items())
         lines.append(f"{r['run']:<34} {r['recipe']:<12} {r['method']:<6} {r['steps']:>5} {r['train_seconds']:>7.0f} "
                      f"{r['peak_memory_gb']:>7.2f} {fmt_pct(r['accuracy_before']) + ' > ' + fmt_pct(r['accuracy_after']):>12} "
-                     f"{fmt_pct(r['reward_accuracy_after']):>10}  {ggufs:<40} {r['smoke'] or '-'}")
+                     f"{fmt_pct(r['reward_accuracy_after']):>10}  {ggufs:<40} {r['smoke'] or '-':<5}  "
+                     + (f"{r['bench_tasks']}: {r['bench_base']:.3f} > {r['bench_trained']:.3f}" if r["bench_tasks"]
+                        else "-"))
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ Endpoints are llama-cpp-python's: /v1/models, /v1/chat/completions (streaming to
 With an API key (llama-cpp-python's own `api_key` setting) every /v1 request must send it as a bearer
 token, else 401. Listening beyond loopback without one is refused unless --insecure says so.
 """
+import contextlib
 import ipaddress
 import logging
 import os
@@ -34,26 +35,17 @@ def serve(gguf: Path, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 20
                        f"can use the model")
     check_gguf_file(gguf)
     try:
+        import llama_cpp.server.app  # noqa: F401  (its dependencies are llama-cpp-python's [server] extra)
         import uvicorn
-        from llama_cpp.server.app import create_app
-        from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError as e:
         raise AppError(f"the server needs the package {e.name}, which is not installed; run `make setup`") from None
     sock = listen(host, port)  # before the model loads, so a taken port is said at once
-    name = model_name(gguf)
-    os.environ.pop("CONFIG_FILE", None)  # create_app would take every setting from that file instead of ours
-    # interrupt_requests=False: by default a waiting request ends the stream under way early (its client
-    # gets a reply cut short without an error); here they queue. chat_format=None: the GGUF's own template.
-    # n_gpu_layers=-1: every layer on the GPU when llama.cpp was built with one; a no-op on a CPU build.
     try:
-        app = create_app(server_settings=from_args(ServerSettings, host=host, port=port, interrupt_requests=False,
-                                                   api_key=api_key or None),
-                         model_settings=[from_args(ModelSettings, model=str(gguf), model_alias=name, chat_format=None,
-                                                   n_ctx=n_ctx, n_gpu_layers=-1, verbose=False)])
-    except ValueError as e:  # a file cut short inside: llama.cpp reads it only now
+        app = server_app(gguf, host, port, n_ctx, api_key)
+    except BaseException:
         sock.close()
-        raise gguf_load_error(gguf, e) or e from None
-    print(f"serving {gguf.name} as model '{name}' at http://{host}:{port}/v1 (OpenAI API"
+        raise
+    print(f"serving {gguf.name} as model '{model_name(gguf)}' at http://{host}:{port}/v1 (OpenAI API"
           + (", API key required" if api_key else "") + "; Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port))
     # on SIGTERM uvicorn finishes the requests under way, then raises the signal again under the handler it
@@ -63,6 +55,53 @@ def serve(gguf: Path, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 20
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn has shut down cleanly, then re-raises the Ctrl-C it caught
         pass
+
+
+def server_app(gguf: Path, host: str, port: int, n_ctx: int, api_key: str | None = None):
+    """llama-cpp-python's FastAPI app for the GGUF, with the run's name as the model id."""
+    from llama_cpp.server.app import create_app
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    os.environ.pop("CONFIG_FILE", None)  # create_app would take every setting from that file instead of ours
+    # interrupt_requests=False: by default a waiting request ends the stream under way early (its client
+    # gets a reply cut short without an error); here they queue. chat_format=None: the GGUF's own template.
+    # n_gpu_layers=-1: every layer on the GPU when llama.cpp was built with one; a no-op on a CPU build.
+    try:
+        return create_app(server_settings=from_args(ServerSettings, host=host, port=port, interrupt_requests=False,
+                                                    api_key=api_key or None),
+                          model_settings=[from_args(ModelSettings, model=str(gguf), model_alias=model_name(gguf),
+                                                    chat_format=None, n_ctx=n_ctx, n_gpu_layers=-1, verbose=False)])
+    except ValueError as e:  # a file cut short inside: llama.cpp reads it only now
+        raise gguf_load_error(gguf, e) or e from None
+
+
+@contextlib.contextmanager
+def background_server(gguf: Path, n_ctx: int = 2048):
+    """The same server on a free loopback port, in a thread, while the block runs; yields its base URL
+    (http://127.0.0.1:PORT/v1). For `eval`: lm-eval talks to the GGUF as to any OpenAI-compatible API."""
+    import threading
+    import time
+
+    import uvicorn
+
+    check_gguf_file(gguf)
+    sock = listen("127.0.0.1", 0)  # port 0: the system picks a free one
+    port = sock.getsockname()[1]
+    try:
+        server = uvicorn.Server(uvicorn.Config(server_app(gguf, "127.0.0.1", port, n_ctx), log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        while not server.started and thread.is_alive():
+            time.sleep(0.05)
+        if not server.started:
+            raise RuntimeError(f"the llama.cpp server for {gguf.name} stopped before it started")
+        try:
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            server.should_exit = True
+            thread.join()
+    finally:
+        sock.close()
 
 
 def exposure_verdict(host: str, api_key: str | None, insecure: bool) -> str:
