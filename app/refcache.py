@@ -58,16 +58,18 @@ def should_precompute(setting, cached: bool, train_rows: int, eval_rows: int, tr
 
 def reference_passes(args, train_rows: int) -> tuple[int, int]:
     """(training pairs the run sees, evaluations it runs) from its DPOConfig: each is a reference pass
-    when the reference is scored in every step. Evaluations: step 0 (app/train.py runs one), then every
-    eval_steps or each epoch."""
+    when the reference is scored in every step. Evaluations: app/train.py's at step 0 and at the end (the
+    end reuses TRL's last one when that fell on the last step), and TRL's every eval_steps or each epoch."""
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
     steps = args.max_steps if args.max_steps > 0 else -(-int(args.num_train_epochs * train_rows) // per_step)
     strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
-    every = args.eval_steps or args.logging_steps or 1
-    every = every if every >= 1 else every * steps  # a float below 1 is a share of the steps
-    evals = {"no": 0, "steps": 1 + int(steps // max(every, 1)),
-             "epoch": 1 + int(max(args.num_train_epochs, 1))}.get(strategy, 1)
-    return steps * per_step, evals
+    if strategy == "steps":
+        every = args.eval_steps or args.logging_steps or 1
+        every = max(int(every if every >= 1 else every * steps), 1)  # a float below 1 is a share of the steps
+        return steps * per_step, 1 + steps // every + (steps % every != 0)
+    if strategy == "epoch":
+        return steps * per_step, 1 + max(int(args.num_train_epochs), 1)
+    return steps * per_step, 2
 
 
 def cache_key(parts: dict) -> str:

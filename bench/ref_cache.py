@@ -9,8 +9,8 @@ Two arms sweep the same betas on the same data, one DPO training run per beta, e
           next ones read it
 Runs alternate plain, cached, plain, cached... so that drift (heat, other load) hits both arms alike. A run
 is what `python -m app dpo` does up to the end of training: load data and model, build TRL's trainer, the
-reference log-probs (cached arm), the step-0 evaluation when the recipe evaluates, and training; not the
-held-out scoring, export or smoke, which are the same in both arms. Seconds are each process's wall time.
+reference log-probs (cached arm), the evaluations at step 0 and at the end (as app/train.py) and the
+recipe's own, and training; not the held-out scoring, export or smoke, which are the same in both arms. Seconds are each process's wall time.
 """
 import argparse
 import json
@@ -72,9 +72,12 @@ def one_run(args):
     info = attach_reference_log_probs(trainer, recipe, local_model_folder(str(recipe.model["name"])),
                                       cache=Path(args.cache))
     t2 = time.perf_counter()
-    if data.eval is not None and recipe.dpo.get("eval_strategy") != "no":
+    if data.eval is not None:  # as app/train.py: an evaluation at step 0 and one at the end
         trainer.evaluate()
     result = trainer.train()
+    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+    if data.eval is not None and not (evals and evals[-1]["step"] == result.global_step):
+        trainer.evaluate()
     t3 = time.perf_counter()
     Path(args.out).write_text(json.dumps({
         "load_s": t1 - t0, "reference_s": t2 - t1, "train_s": t3 - t2, "steps": result.global_step,

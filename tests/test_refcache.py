@@ -30,6 +30,20 @@ def test_auto_scores_up_front_only_when_that_is_cheaper_and_always_uses_a_cache(
     assert not should_precompute(False, True, 270, 30, 480, 4)[0]  # false means the reference in every step
 
 
+def test_the_runs_own_reference_passes_count_every_evaluation():
+    from types import SimpleNamespace
+
+    from app.refcache import reference_passes
+
+    args = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, world_size=1, max_steps=60,
+                num_train_epochs=3, eval_strategy="steps", eval_steps=20, logging_steps=5)
+    assert reference_passes(SimpleNamespace(**args), 270) == (480, 4)  # step 0, 20, 40, 60 (the end reuses 60)
+    assert reference_passes(SimpleNamespace(**{**args, "eval_steps": 25}), 270) == (480, 4)  # 0, 25, 50, end
+    # no evaluation strategy still evaluates at step 0 and at the end; one epoch of 58 pairs at batch 2
+    one_epoch = {**args, "max_steps": -1, "num_train_epochs": 1, "per_device_train_batch_size": 2, "eval_strategy": "no"}
+    assert reference_passes(SimpleNamespace(**one_epoch), 58) == (58, 2)
+
+
 PARTS = {"weights": {"model.safetensors": "a" * 64, "config.json": "b" * 64}, "token_ids": "c" * 64, "rows": 270,
          "chat_template": "d" * 64, "special_ids": [1, 2, 0],
          "dpo": {"max_length": 128, "truncation_mode": "keep_start", "ld_alpha": None, "padding_free": False,
