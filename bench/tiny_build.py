@@ -1,12 +1,13 @@
-"""What building the tiny model the same on every machine costs: the pinned build against the machine's own kernels.
+"""What building the tiny model reproducibly costs: the pinned build against the machine's own kernels.
 
     .venv/bin/python bench/tiny_build.py              # both builds, then a section in BENCHMARKS.md
 
 Each build is `python -m app.tiny OUT` in its own process: once with app/tiny.py's PINNED_ENV (MKL's
 reproducible mode, ATen's generic kernels, one thread), as `ensure_tiny_model` runs it, and once with the
 machine's own kernels and both cores (ATEN_CPU_CAPABILITY and MKL_CBWR unset). Each prints the weights'
-digest: the pinned one must be the same on every x86-64 machine; the other shows what a build on this
-machine's kernels would be.
+digest: the pinned one is the same on every build on one machine (and measured different across CPU makers:
+AMD EPYC f792af0e5d522cf1, Intel Xeon e3e2eaaa9ad482a4); the other shows what a build on this machine's
+kernels would be.
 """
 import argparse
 import os
