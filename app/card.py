@@ -15,7 +15,6 @@ from app.report import fmt_num, fmt_pct, read_json
 from app.runs import write_text
 
 HUB_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")
-LOCAL_DATA = (".jsonl", ".json", ".csv", ".parquet")  # app/data.py reads these suffixes as local files
 
 
 def write_model_card(run: Path) -> list[Path]:
@@ -140,7 +139,9 @@ def usage_lines(kind: str, facts: dict) -> list[str]:
 
 def hub_id(name: str) -> str | None:
     """`name` when it reads as a hub id and is no file or folder here (tiny, a local path: None)."""
-    local = name == "tiny" or name.endswith(LOCAL_DATA) or name.startswith((".", "/", "~")) or Path(ROOT, name).exists()
+    from app.data import LOCAL_SUFFIXES
+    from app.model import is_path, local_folder
+    local = name == "tiny" or name.endswith(LOCAL_SUFFIXES) or is_path(name) or local_folder(name) is not None
     return name if HUB_ID.fullmatch(name) and not local else None
 
 

@@ -76,9 +76,9 @@ def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def key_parts(trainer, dataset, model_folder: Path | None, recipe) -> dict | None:
-    """Everything the reference log-probs of `dataset` depend on; None when the weights have no files on
-    this machine to hash (then nothing is cached)."""
+def key_parts(trainer, model_folder: Path | None, recipe) -> dict | None:
+    """Everything the reference log-probs depend on besides the token ids (the same for the train and the
+    eval data); None when the weights have no files on this machine to hash (then nothing is cached)."""
     import importlib.metadata
 
     import torch
@@ -95,7 +95,7 @@ def key_parts(trainer, dataset, model_folder: Path | None, recipe) -> dict | Non
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return {
-        "weights": weights, "token_ids": token_ids_digest(dataset), "rows": len(dataset),
+        "weights": weights,
         "chat_template": hashlib.sha256(str(getattr(tok, "chat_template", "")).encode()).hexdigest(),
         "special_ids": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id],
         "dpo": {f: getattr(args, f, None) for f in REFERENCE_FIELDS},
@@ -212,11 +212,12 @@ def attach_reference_log_probs(trainer, recipe, model_folder: Path | None, cache
     setting = recipe.dpo.get("precompute_ref_log_probs", "auto")
     datasets = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
     datasets = {name: d for name, d in datasets.items() if d is not None and len(d)}
-    keys = {name: (lambda p: p and cache_key(p))(key_parts(trainer, d, model_folder, recipe))
-            for name, d in datasets.items()} if setting is not False else {}
+    shared = key_parts(trainer, model_folder, recipe) if setting is not False else None
+    keys = {name: cache_key({**shared, "token_ids": token_ids_digest(d), "rows": len(d)}) if shared else None
+            for name, d in datasets.items()}
     found = {name: load_log_probs(cache / f"{k}.safetensors", k, len(datasets[name]))
              for name, k in keys.items() if k}
-    cached = bool(found) and all(v is not None for v in found.values()) and len(found) == len(datasets)
+    cached = bool(datasets) and all(found.get(name) is not None for name in datasets)
     seen, evals = reference_passes(args, len(datasets.get("train", [])))
     use, why = should_precompute(setting, cached, len(datasets.get("train", [])), len(datasets.get("eval", [])),
                                  seen, evals if "eval" in datasets else 0)
