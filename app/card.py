@@ -77,15 +77,17 @@ def card_text(kind: str, facts: dict) -> str:
     data_text = (f"[{source}](https://huggingface.co/datasets/{source})" if dataset_id else f"`{source}` (a local "
                  "file)") + (f": {counts['train']} examples trained, {counts['eval']} held out" if counts else "")
     lora, four_bit = recipe.get("lora", {}), recipe["model"].get("load_in_4bit")
+    how = ("every weight trained (full fine-tuning), saved in 16 bits" if recipe["model"].get("full_finetuning") else
+           f"LoRA r {lora.get('r')}, alpha {lora.get('lora_alpha')}, on a {'4-bit (nf4)' if four_bit else '16-bit'} "
+           f"base, then merged")
     settings = [*([f"beta {h['beta']}"] if "beta" in h else []), f"learning rate {h.get('learning_rate')}",
                 f"batch {h.get('per_device_train_batch_size')} x {h.get('gradient_accumulation_steps')} accumulated"]
     lines = [f"---\n{data.to_yaml()}\n---", "", f"# {facts['run']}" + (" (GGUF)" if kind == "gguf" else ""), "",
-             f"A {method.upper()} fine-tune made with TRL through Unsloth, merged into 16-bit weights"
+             f"A {method.upper()} fine-tune made with TRL through Unsloth, in 16-bit weights"
              + (", converted to GGUF by llama.cpp and checked against the merged weights." if kind == "gguf"
                 else " (safetensors, for transformers)."), "", "## Training", "",
              f"- base model: {base_text}", f"- data: {data_text}",
-             f"- method: {method}, {train.get('steps')} steps; LoRA r {lora.get('r')}, alpha {lora.get('lora_alpha')}, "
-             f"on a {'4-bit (nf4)' if four_bit else '16-bit'} base, then merged",
+             f"- method: {method}, {train.get('steps')} steps; {how}",
              f"- hyperparameters: {', '.join(settings)}",
              f"- chat template: {facts['chat_family'] or 'a layout this app does not recognise'} family", "",
              *preference_lines(train.get("preference") or {}), *smoke_lines(facts["smoke"]),

@@ -42,7 +42,9 @@ def export_run(run: Path, recipe, model, tokenizer, base_source: str, log=print)
     return_large_blocks_on_free()
     dtype = merged_dtype(base_source)
     check_room_for_export(run, model, recipe.export["gguf"])
-    log(f"export: merging the adapter into {str(dtype).removeprefix('torch.')} weights (the base as trained, "
+    log(f"export: saving the trained weights in {str(dtype).removeprefix('torch.')} (full fine-tuning: no merge)"
+        if plain_model(model) is model else
+        f"export: merging the adapter into {str(dtype).removeprefix('torch.')} weights (the base as trained, "
         f"dequantized if it was 4-bit)")
     merge_adapter(model, tokenizer, run / "merged", base_source, dtype)
     merge = check_merged_weights(model, run / "merged")
@@ -89,7 +91,7 @@ def check_room_for_export(run: Path, model, types):
 
     from app.gguf import GGUF_BITS
     params = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)  # packed: two 4-bit values a byte
-                 for n, p in model.get_base_model().named_parameters() if ".lora_" not in n)
+                 for n, p in plain_model(model).named_parameters() if ".lora_" not in n)
     ggufs = sum(GGUF_BITS[t] for t in {*types, "f16"}) / 8 * params
     need, free = 2 * params + ggufs, shutil.disk_usage(run).free
     if need > free:
@@ -114,6 +116,11 @@ def merged_dtype(base_source: str):
     return torch.float16 if (config.get("dtype") or config.get("torch_dtype")) == "float16" else torch.bfloat16
 
 
+def plain_model(model):
+    """The transformers model inside a PEFT model; a fully fine-tuned model is one already."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def trained_tensors(model, exact: bool = False):
     """(name, base, delta) for every weight of the trained model as one plain model, in checkpoint names;
     the trained weight is base + delta (delta None where there is no adapter, and base then as it is held,
@@ -125,7 +132,7 @@ def trained_tensors(model, exact: bool = False):
     from peft.tuners.lora import LoraLayer
     from peft.utils.integrations import dequantize_module_weight
 
-    inner = model.get_base_model()
+    inner = plain_model(model)
     layers = {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
     for pname, param in inner.named_parameters():
         owner, _, leaf = pname.rpartition(".")
@@ -169,13 +176,13 @@ def merge_adapter(model, tokenizer, out: Path, base_source: str, dtype):
         if shard or not shards:
             shards.append(_write_shard(tmp, len(shards), shard, save_file))
         _name_shards(tmp, shards)
-        config = copy.deepcopy(model.get_base_model().config)
+        config = copy.deepcopy(plain_model(model).config)
         for key in ("quantization_config", "_pre_quantization_dtype"):
             if hasattr(config, key):
                 delattr(config, key)
         config.dtype = dtype
         config.save_pretrained(str(tmp))
-        model.get_base_model().generation_config.save_pretrained(str(tmp))
+        plain_model(model).generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
     except Exception as e:  # safetensors words a full disk as its own error type, not OSError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -292,7 +299,8 @@ def weight_error(name: str, saved, base, delta) -> dict:
         error = max(error, ((got.float() - exact).abs() / allowed).max().item())
         if delta is not None:
             changed += int((exact.to(got.dtype) != base[rows].to(got.dtype)).sum())
-    return {"name": name, "max_ulps": error, "numel": base.numel(), "changed": changed, "shape_ok": True}
+    return {"name": name, "max_ulps": error, "numel": base.numel(), "changed": changed, "shape_ok": True,
+            "merged": delta is not None}
 
 
 def merge_verdict(stats: list[dict], max_ulps: float = MERGE_ULPS) -> dict:
@@ -311,11 +319,15 @@ def merge_verdict(stats: list[dict], max_ulps: float = MERGE_ULPS) -> dict:
                         f"rounding (worst {worst['name']}: {worst['max_ulps']:.1f} ulp > {max_ulps})")
     changed = sum(s.get("changed", 0) for s in measured)
     share = changed / max(1, sum(s["numel"] for s in measured))
+    summary = (f"merged weights are the exact merge rounded once: {len(measured)} tensors within "
+               f"{worst['max_ulps']:.2f} ulp; the adapter changed {share:.2%} of the 16-bit weights"
+               + (" (it is below 16-bit rounding: the merged model is the base)" if not changed else ""))
+    if not any(s.get("merged") for s in measured):  # full fine-tuning: no adapter, the weights themselves trained
+        summary = (f"saved weights are the trained weights rounded once: {len(measured)} tensors within "
+                   f"{worst['max_ulps']:.2f} ulp (full fine-tuning: nothing to merge)")
     return {"passed": not problems, "reason": "; ".join(problems[:3]), "tensors": len(measured),
             "max_ulps": round(worst["max_ulps"], 3), "worst": worst["name"], "changed_share": round(share, 6),
-            "summary": f"merged weights are the exact merge rounded once: {len(measured)} tensors within "
-                       f"{worst['max_ulps']:.2f} ulp; the adapter changed {share:.2%} of the 16-bit weights"
-                       + (" (it is below 16-bit rounding: the merged model is the base)" if not changed else "")}
+            "summary": summary}
 
 
 def eos_ids(model, tokenizer) -> list[int]:

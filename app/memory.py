@@ -7,8 +7,11 @@ thing that exists only for a moment:
     weights        linear layers in 4-bit NF4 with double quantization (4.127 bits each) when load_in_4bit,
                    else in the compute dtype; embeddings, LM head and norms stay 16-bit (bitsandbytes
                    quantizes only the decoder's linear layers)
-    lora           LoRA A and B of every target module in fp32, their fp32 gradients and the optimizer's two
-                   moments (fp32: 8 bytes a parameter; an 8-bit optimizer such as adamw_8bit: 2)
+    trainable      LoRA A and B of every target module in fp32, their fp32 gradients and the optimizer's two
+                   moments (fp32: 8 bytes a parameter; an 8-bit optimizer such as adamw_8bit: 2). With
+                   model.full_finetuning every weight: its gradient in the compute dtype and the two moments
+    reference_weights  full fine-tuning only, without precompute_ref_log_probs: TRL's frozen copy of the
+                   starting weights, resident for the whole run (LoRA's reference is the model, adapters off)
     checkpoints    Unsloth's gradient checkpointing keeps one hidden state per layer for the whole step:
                    layers x tokens x hidden, where tokens = 2 x batch x max_length (chosen and rejected are
                    concatenated into one batch of 2 x batch sequences, padded up to max_length at worst).
@@ -166,7 +169,8 @@ class MemoryEstimate:
     batch: int
     length: int
     weights: float
-    lora: float
+    trainable: float
+    reference_weights: float
     checkpoints: float
     layer: float
     logits: float
@@ -182,11 +186,14 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.weights + self.lora + self.checkpoints + self.transient[1] + self.cuda_context
+        return (self.weights + self.trainable + self.reference_weights + self.checkpoints + self.transient[1]
+                + self.cuda_context)
 
     def summary(self) -> str:
         name, value = self.transient
-        return (f"weights {self.weights:.1f} + LoRA and optimizer {self.lora:.1f} + checkpointed activations "
+        ref = f" + reference copy {self.reference_weights:.1f}" if self.reference_weights else ""
+        return (f"weights {self.weights:.1f} + trained weights' gradients and optimizer {self.trainable:.1f}{ref} + "
+                f"checkpointed activations "
                 f"{self.checkpoints:.1f} + largest transient {value:.1f} ({name}; layer {self.layer:.1f}, logits "
                 f"{self.logits:.1f}, reference {self.reference:.1f}) + CUDA context {self.cuda_context:.1f}")
 
@@ -204,19 +211,25 @@ def estimate_training_memory(recipe, *, batch: int | None = None, length: int | 
     length = length or train_setting(recipe, "max_length")
     section = training_section(recipe)
     has_reference = training_method(recipe) in REFERENCE_METHODS
-    # dpo's "auto" may still score the reference in every step (app/refcache.py): counted, the safe side
-    precompute_ref = section.get("precompute_ref_log_probs") is True if precompute_ref is None else precompute_ref
+    full = bool(recipe.model.get("full_finetuning"))
+    if precompute_ref is None:  # with LoRA, dpo's "auto" may still score the reference in every step
+        # (app/refcache.py): counted, the safe side; full fine-tuning's auto is TRL's precompute (app/train.py)
+        setting = section.get("precompute_ref_log_probs")
+        precompute_ref = setting is True or (full and training_method(recipe) == "dpo" and setting is not False)
     chunked = fused_lm_head() if chunked is None else chunked
-    four_bit = bool(recipe.model.get("load_in_4bit"))
+    four_bit = bool(recipe.model.get("load_in_4bit")) and not full
     act = 4 if recipe.model.get("dtype") == "float32" else 2  # bytes of an activation (Unsloth: bf16 or fp16)
     h, kv, q, i, v = arch.hidden, arch.kv_heads * arch.head_dim, arch.heads * arch.head_dim, arch.intermediate, arch.vocab
     tokens = (2 if training_method(recipe) in PAIRED_METHODS else 1) * batch * length  # chosen + rejected
 
     linear_bytes = arch.linear_params * (NF4_BITS / 8 if four_bit else act)
     weights = linear_bytes + arch.other_params * act
-    lora_params = arch.lora_params(recipe.lora["r"], recipe.lora["target_modules"])
     optimizer = 2 if "8bit" in str(section.get("optim", "")) else 8
-    lora = lora_params * (4 + 4 + optimizer)
+    if full:  # every weight: its gradient (compute dtype) and the optimizer's moments
+        trainable = arch.params * (act + optimizer)
+    else:  # LoRA A and B, their gradients, the moments, all fp32
+        trainable = arch.lora_params(recipe.lora["r"], recipe.lora["target_modules"]) * (4 + 4 + optimizer)
+    reference_weights = weights if full and has_reference and not precompute_ref else 0
     checkpoints = arch.layers * tokens * h * act
 
     layer_saved = tokens * act * (6 * h + 2 * q + 2 * kv + 4 * i)  # see the module docstring
@@ -231,10 +244,22 @@ def estimate_training_memory(recipe, *, batch: int | None = None, length: int | 
         ref_head = 2 * tokens * v * 4  # the reference's logits and their log-softmax
     logits = head_saved + head_backward
     reference = 0 if precompute_ref or not has_reference else head_saved + ref_head + layer_saved / 2
-    return MemoryEstimate(batch=batch, length=length, weights=weights / GiB, lora=lora / GiB,
+    return MemoryEstimate(batch=batch, length=length, weights=weights / GiB, trainable=trainable / GiB,
+                          reference_weights=reference_weights / GiB,
                           checkpoints=checkpoints / GiB, layer=layer / GiB, logits=logits / GiB,
                           reference=reference / GiB, cuda_context=CUDA_CONTEXT_GIB, chunked=chunked,
                           precompute_ref=bool(precompute_ref))
+
+
+def reference_choices(recipe, arch: Architecture | None = None) -> str | None:
+    """Full fine-tuning's two references, side by side: TRL's frozen copy of the weights, or one pass before
+    training (precompute_ref_log_probs); None for LoRA (its reference is the model with adapters off) or a
+    method without a reference."""
+    if not recipe.model.get("full_finetuning") or training_method(recipe) not in REFERENCE_METHODS:
+        return None
+    copy, once = (estimate_training_memory(recipe, precompute_ref=p, arch=arch).total for p in (False, True))
+    return (f"full fine-tuning's reference: {copy:.1f} GiB with a frozen copy of the weights "
+            f"(precompute_ref_log_probs: false), {once:.1f} GiB scoring it once before training (true)")
 
 
 def fit_to_memory(recipe, free_gib: float, arch: Architecture | None = None) -> tuple[dict, str]:

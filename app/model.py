@@ -192,14 +192,18 @@ def import_unsloth():
 
 
 def load_model(recipe, source: str):
-    """(PEFT model with LoRA, tokenizer with a chat template) through Unsloth."""
+    """(PEFT model with LoRA, tokenizer with a chat template) through Unsloth; with model.full_finetuning
+    the plain model, every weight trainable, in 16 bits (Unsloth's full_finetuning)."""
     FastLanguageModel = import_unsloth().FastLanguageModel
 
-    m, lora = recipe.model, recipe.lora
+    m, lora, full = recipe.model, recipe.lora, bool(recipe.model.get("full_finetuning"))
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=source, max_seq_length=m["max_seq_length"], dtype=_dtype(m["dtype"]),
-        load_in_4bit=m["load_in_4bit"], **load_options(recipe))
+        load_in_4bit=m["load_in_4bit"] and not full, full_finetuning=full, use_gradient_checkpointing="unsloth",
+        **load_options(recipe))
     tokenizer = fix_chat_template(tokenizer, m.get("chat_template"), recipe.name)
+    if full:
+        return model, tokenizer
     model = FastLanguageModel.get_peft_model(
         model, r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
         target_modules=lora["target_modules"], bias=lora["bias"], use_rslora=lora["use_rslora"],

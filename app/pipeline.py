@@ -26,7 +26,7 @@ def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = 
     if resume:  # the run's own recipe (one stage), its folder, its newest complete checkpoint
         from app.runs import last_checkpoint, resolve_run
         run = resolve_run(resume, write=True)
-        if (run / "adapter").is_dir():
+        if (run / "adapter").is_dir() or (run / "train.json").is_file():
             raise AppError(f"{run.name} finished training; to redo its export: python -m app export {run.name}")
         checkpoint = last_checkpoint(run)
         if checkpoint is None:
@@ -102,13 +102,18 @@ def export_run_folder(run: Path, log=print):
     from app.model import load_trained_model, resolve_model_source
     from app.recipe import load_recipe
 
-    if not (run / "adapter").is_dir():
-        raise AppError(f"{run.name} has no adapter/ (its training did not finish)")
     recipe = load_recipe(str(run / "recipe.yaml"))
+    # what training saved: the adapter, or for full fine-tuning the trained weights themselves, which the
+    # export wrote in 16 bits (merged/ appears only complete)
+    trained = run / ("merged" if recipe.model.get("full_finetuning") else "adapter")
+    if not trained.is_dir():
+        raise AppError(f"{run.name} has no {trained.name}/ (its training did not finish"
+                       + (", or its export did not, and full fine-tuning keeps the trained weights nowhere else but "
+                          "its checkpoints: train it again" if trained.name == "merged" else "") + ")")
     if recipe.stages == ["reward"]:
         raise AppError(f"{run.name} is a reward model: a scorer, not a chat model, so it has no GGUF export "
                        f"(use it with: python -m app score {run.name} --prompt ... --response ...)")
-    model, tokenizer = load_trained_model(recipe, run / "adapter")
+    model, tokenizer = load_trained_model(recipe, trained)
     export_run(run, recipe, model, tokenizer, resolve_model_source(recipe), log=log)
     del model
     check_run(run, recipe, log=log)

@@ -43,7 +43,7 @@ from pathlib import Path
 from app import ROOT, AppError
 from app import llamacpp
 from app.memory import (GiB, architecture, estimate_training_memory, fit_to_memory, model_folder, parse_params,
-                        train_setting, training_section, with_training_changes)
+                        reference_choices, train_setting, training_section, with_training_changes)
 from app.model import is_path, local_folder, offline
 from app.preflight_child import Probe, skipped
 
@@ -280,7 +280,10 @@ def disk_needed(recipe, arch, params: float, train_rows: int | None) -> dict:
     base = "f32" if "f32" in types else "f16"
     from app.gguf import GGUF_BITS
     ggufs = sum(GGUF_BITS[t] for t in types + ([base] if base not in types else [])) / 8 * params
-    return {"checkpoints": kept * lora * (4 + 4 + optimizer), "adapter": lora * 8, "merged": 2 * params,
+    checkpoint, adapter = lora * (4 + 4 + optimizer), lora * 8
+    if recipe.model.get("full_finetuning"):  # a checkpoint holds every weight and its optimizer state; no adapter
+        checkpoint, adapter = params * ((4 if recipe.model.get("dtype") == "float32" else 2) + optimizer), 0
+    return {"checkpoints": kept * checkpoint, "adapter": adapter, "merged": 2 * params,
             "gguf": ggufs, "base gguf": 2 * params if recipe.export.get("base") else 0}
 
 
@@ -339,6 +342,9 @@ def check_gpu_memory(recipe, arch, arch_source: str, cuda: dict | str | None) ->
                 f"not cached, not in app/memory.py's table)"), {}
     est = estimate_training_memory(recipe, arch=arch)
     shape = f"batch {est.batch} x max_length {est.length}"
+    choices = reference_choices(recipe, arch)
+    if choices:
+        shape += f" ({choices})"
     if cuda == "unknown":  # the child that asks torch timed out
         return f"GPU memory: estimated peak {est.total:.1f} GiB at {shape}; the GPU's free memory is unknown", {}
     if cuda is None:

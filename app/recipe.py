@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
+import logging
 import re
 import typing
 from pathlib import Path
@@ -22,6 +23,7 @@ import yaml
 from app import ROOT, AppError
 
 RECIPES = ROOT / "recipes"
+logger = logging.getLogger(__name__)
 
 def key(default, help: str, positive: bool = False):
     """A recipe key: its default and help; `positive` numbers must be > 0."""
@@ -37,6 +39,8 @@ class ModelSection:
     gpu_memory_gb: object = key(None, "the estimated GPU peak, for `recipes`")
     max_seq_length: int = key(2048, "the longest sequence Unsloth prepares for", positive=True)
     load_in_4bit: bool = key(True, "train on an nf4 (bitsandbytes) copy of the base; export merges onto it, dequantized")
+    full_finetuning: bool = key(False, "train every weight (Unsloth's full_finetuning) in 16 bits: no LoRA, no 4-bit; "
+                                       "export saves the trained weights, with no merge")
     dtype: str | None = key(None, "compute dtype: auto, float32, float16 or bfloat16 (null: Unsloth picks)")
     chat_template: str | None = key(None, "an Unsloth template name, for a model without its own")
     requires_gpu: bool = key(False, "stop at once, in one sentence, where torch sees no CUDA GPU")
@@ -176,6 +180,16 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
         sections[section] = {**(section_defaults(section) if section in OURS else {}), **given}
     recipe = Recipe(name=str(name), path=path, stages=stages, **sections)
     _check_values(recipe)
+    if recipe.model["full_finetuning"]:
+        if "reward" in recipe.stages:
+            raise AppError(f"{path}: model.full_finetuning is for the methods that train a chat model (sft, dpo, orpo, "
+                           f"kto); a reward model trains LoRA and its score head: run it in a recipe of its own")
+        unused = (["its lora section"] if raw.get("lora") else []) + (
+            ["model.load_in_4bit"] if recipe.model["load_in_4bit"] else [])
+        if unused:  # tiny.yaml has both: a warning, so `--set model.full_finetuning=true` works on any recipe
+            logger.warning(f"recipe '{recipe.name}' sets model.full_finetuning: every weight trains in 16 bits, so "
+                           f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used")
+        recipe.model["load_in_4bit"] = False  # what runs, as the run's recipe.yaml and the planner read it
     return recipe
 
 

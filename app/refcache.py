@@ -251,5 +251,7 @@ def reference_line(info: dict) -> str:
         return f"reference log-probs: scored in every step ({info['why']})"
     parts = ([f"{', '.join(info['cached'])} from the cache"] if info["cached"] else []) + (
         [f"{', '.join(info['scored'])} scored once in {info['seconds']:.1f}s"] if info["scored"] else [])
+    if not parts:  # full fine-tuning: TRL's own pass (app/train.py)
+        return f"reference log-probs: {info['why']}"
     stored = "" if not info["scored"] or all(info.get("keys", {}).values()) else " (not cached: no weight files to key them by)"
     return f"reference log-probs: {'; '.join(parts)}{stored} ({info['why']})"

@@ -39,7 +39,11 @@ def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbac
     module = importlib.import_module(module)
     on_gpu = torch.cuda.is_available()
     fields = dict(getattr(recipe, method))
-    if method == "dpo":  # app/refcache.py scores the reference once and hands TRL its columns (see train())
+    if method == "dpo" and recipe.model.get("full_finetuning"):
+        # no adapter to turn off: the reference is TRL's own, a second copy of the weights that it loads
+        # (precompute_ref_log_probs false) or one pass of the starting weights before training (true, auto)
+        fields["precompute_ref_log_probs"] = fields.get("precompute_ref_log_probs", "auto") is not False
+    elif method == "dpo":  # app/refcache.py scores the reference once and hands TRL its columns (see train())
         fields["precompute_ref_log_probs"] = False
     args = getattr(module, config_class)(**{
         "output_dir": str(run / "checkpoints"), "report_to": "none", "disable_tqdm": True,  # our bar, our lines
@@ -59,15 +63,18 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     states and goes on from its step; metrics logged after that step are dropped first (they are redone)."""
     log = MetricsLog(run / "metrics.jsonl", method)
     trainer = make_trainer(method, model, tokenizer, data, recipe, run, [log])
-    reference = None
-    if method == "dpo":  # from the cache, scored once, or in every step (precompute_ref_log_probs)
+    reference, full = None, bool(recipe.model.get("full_finetuning"))
+    if method == "dpo" and full:
+        reference = full_finetuning_reference(trainer)
+        print(reference_line(reference))
+    elif method == "dpo":  # from the cache, scored once, or in every step (precompute_ref_log_probs)
         reference = attach_reference_log_probs(trainer, recipe, local_model_folder(str(recipe.model["name"])))
         print(reference_line(reference))
     args, causal = trainer.args, method != "reward"
     # sft has none: its margins are reported at DPO's default beta (reward accuracy does not depend on it)
     beta = getattr(args, "beta", None) or trl_config_default("dpo", "beta")
 
-    # before: LoRA B starts at zero, so the model is still the base model (for reward: a random head)
+    # before: LoRA B starts at zero (or nothing trained yet), so the model is still the base (reward: a random head)
     probes = recipe.export["probes"] if causal else []
     pairs, too_long = held_out_pairs(data.pairs, tokenizer, recipe.data["eval_pairs"], args.max_length)
     score = score_pairs_hf if causal else score_pairs_reward
@@ -76,13 +83,14 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
         base_scores = score(model, pairs)
     if resume_from:
         keep_metrics_until(run / "metrics.jsonl", checkpoint_step(resume_from))
-        # PEFT saves the trained adapter at the checkpoint's root and TRL's frozen "ref" copy in ref/; when a
-        # checkpoint has adapter sub-folders Trainer loads only those (transformers#30505), so the trained
-        # adapter would silently restart from its initial weights. Load it here; Trainer then loads ref/.
-        # autocast_adapter_dtype=False: keep the dtype the trainer gave the adapter (TRL trains a 4-bit
-        # model's LoRA in bfloat16, QLoRA's recipe); PEFT's default would upcast it to float32 and the
-        # resumed run would take other steps than the uninterrupted one
-        model.load_adapter(str(resume_from), model.active_adapter, is_trainable=True, autocast_adapter_dtype=False)
+        if not full:  # full fine-tuning: Trainer loads the checkpoint's weights itself
+            # PEFT saves the trained adapter at the checkpoint's root and TRL's frozen "ref" copy in ref/; when a
+            # checkpoint has adapter sub-folders Trainer loads only those (transformers#30505), so the trained
+            # adapter would silently restart from its initial weights. Load it here; Trainer then loads ref/.
+            # autocast_adapter_dtype=False: keep the dtype the trainer gave the adapter (TRL trains a 4-bit
+            # model's LoRA in bfloat16, QLoRA's recipe); PEFT's default would upcast it to float32 and the
+            # resumed run would take other steps than the uninterrupted one
+            model.load_adapter(str(resume_from), model.active_adapter, is_trainable=True, autocast_adapter_dtype=False)
     elif data.eval is not None:
         trainer.evaluate()  # TRL's eval metrics at step 0: where the eval curves start
 
@@ -108,8 +116,9 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     write_json(run / "preference_eval.json", {**preference, "beta": beta, "method": method, "pairs": [
         {**p, "base": b, "trained": t} for p, b, t in zip(pairs, base_scores, trained_scores)]})
 
-    model.save_pretrained(str(run / "adapter"))
-    tokenizer.save_pretrained(str(run / "adapter"))
+    if not full:  # a fully fine-tuned model is saved by the export, in 16 bits (app/export.py)
+        model.save_pretrained(str(run / "adapter"))
+        tokenizer.save_pretrained(str(run / "adapter"))
     return {
         "alarms": run_alarms(method, run / "metrics.jsonl", result.global_step, args, data, tokenizer, before, after),
         "method": method, "steps": result.global_step, "reference": reference,
@@ -120,6 +129,15 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
                  "train": len(data.train), "eval": 0 if data.eval is None else len(data.eval)},
         "replies": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(probes, before, after)],
     }
+
+
+def full_finetuning_reference(trainer) -> dict:
+    """What TRL does for DPO's reference in full fine-tuning (see make_trainer), in app/refcache.py's words."""
+    if trainer.precompute_ref_logps:
+        return {"setting": True, "precomputed": True, "cached": [], "scored": [], "seconds": 0.0,
+                "why": "full fine-tuning: TRL scored the starting weights once, so no second copy is kept"}
+    return {"setting": False, "precomputed": False, "cached": [], "scored": [], "seconds": 0.0,
+            "why": "full fine-tuning with precompute_ref_log_probs false: TRL keeps a frozen copy of the weights"}
 
 
 def run_alarms(method, metrics: Path, steps: int, args, data, tokenizer, before, after) -> list[dict]:

@@ -71,5 +71,25 @@ def reward_run(unsloth_first):
     shutil.rmtree(run, ignore_errors=True)
 
 
+@pytest.fixture
+def new_runs():
+    """new_runs(prefix): the run folders this test made whose names start with `prefix` (sorted, i.e. by
+    time); they are removed afterwards and `latest` restored. A prefix keeps other processes' runs out."""
+    before, latest, asked = set(EXPORTS.iterdir()), EXPORTS / "latest", []
+    old_latest = os.readlink(latest) if latest.is_symlink() else None
+
+    def made(prefix):
+        asked.append(prefix)
+        return sorted(r for r in set(EXPORTS.glob(prefix + "*")) - before)
+
+    yield made
+    for prefix in asked:
+        for run in set(EXPORTS.glob(prefix + "*")) - before:
+            shutil.rmtree(run, ignore_errors=True)
+    if old_latest:
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(old_latest)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -90,3 +90,24 @@ def test_fit_sets_precompute_when_even_batch_1_does_not_fit():
 def test_parse_params():
     assert parse_params("8.0B") == 8.0e9 and parse_params("2.9M") == 2.9e6 and parse_params(None) is None
     assert parse_params("big") is None
+
+
+def test_full_finetuning_counts_every_weight_and_the_reference_copy_only_without_precompute():
+    """SmolLM3-3B fully fine-tuned: 16-bit weights (no NF4), a gradient and two optimizer moments for every
+    weight, and TRL's frozen reference copy (as large as the weights) unless the reference is scored once."""
+    lora = load_recipe("smollm3-3b")
+    full = load_recipe("smollm3-3b", ["model.full_finetuning=true"])
+    arch, _ = architecture(full)
+    optimizer = 2 if "8bit" in str(full.dpo.get("optim", "")) else 8
+    copy = estimate_training_memory(full, precompute_ref=False)
+    once = estimate_training_memory(full, precompute_ref=True)
+    assert copy.weights * 2**30 == pytest.approx(arch.params * 2)  # bf16, every weight
+    assert copy.trainable * 2**30 == pytest.approx(arch.params * (2 + optimizer))
+    assert copy.reference_weights == copy.weights and once.reference_weights == 0
+    assert copy.total - once.total >= copy.weights  # the copy, and its reference pass
+    assert estimate_training_memory(full).reference_weights == 0  # auto: TRL's precompute (app/train.py)
+    assert estimate_training_memory(lora).reference_weights == 0
+    assert estimate_training_memory(lora).total < once.total  # LoRA on 4-bit is the small one
+    from app.memory import reference_choices
+    assert reference_choices(lora) is None
+    assert f"{copy.total:.1f} GiB with a frozen copy" in reference_choices(full)

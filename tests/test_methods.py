@@ -10,29 +10,9 @@ import pytest
 
 from app.cli import main
 from app.runs import EXPORTS
-from tests.conftest import read_jsonl
+from tests.conftest import new_runs, read_jsonl  # noqa: F401  (new_runs: TEMP re-export for test_pairs)
 
 STEPS = 20  # for the sft -> dpo chain; sft, orpo and kto run their recipe's own steps
-
-
-@pytest.fixture
-def new_runs():
-    """new_runs(prefix): the run folders this test made whose names start with `prefix` (sorted, i.e. by
-    time); they are removed afterwards and `latest` restored. A prefix keeps other processes' runs out."""
-    before, latest, asked = set(EXPORTS.iterdir()), EXPORTS / "latest", []
-    old_latest = os.readlink(latest) if latest.is_symlink() else None
-
-    def made(prefix):
-        asked.append(prefix)
-        return sorted(r for r in set(EXPORTS.glob(prefix + "*")) - before)
-
-    yield made
-    for prefix in asked:
-        for run in set(EXPORTS.glob(prefix + "*")) - before:
-            shutil.rmtree(run, ignore_errors=True)
-    if old_latest:
-        latest.unlink(missing_ok=True)
-        latest.symlink_to(old_latest)
 
 
 @pytest.mark.slow
