@@ -9,6 +9,8 @@ errors. Nothing else.
     python -m app smoke [RUN]                                   llama.cpp checks every GGUF of a run
     python -m app chat [RUN_OR_GGUF] [--quant q4_k_m]           chat with a GGUF
     python -m app compare [RUN] [--prompts FILE]                base vs aligned replies side by side
+    python -m app pairs --prompts FILE --mode reward|constitution --out FILE [--model RUN_OR_GGUF_OR_RECIPE]
+                        [--reward-run RUN] [--constitution FILE]  preference pairs from AI feedback
     python -m app serve [RUN_OR_GGUF] [--port 8000] [--api-key]  an OpenAI-compatible server for a GGUF
     python -m app data inspect SOURCE [--recipe R] [--json]     a dataset as the trainer will see it
     python -m app verify [RUN]                                  re-hash a run against its manifest
@@ -27,9 +29,11 @@ What the user reads is printed; diagnostics go through `logging` to stderr: warn
 what each stage measured and did (INFO), `-vv` everything (DEBUG).
 """
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
 
 from app import AppError
@@ -71,6 +75,16 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", metavar="FILE", help="one prompt per line (default: the recipe's export.probes)")
     p.add_argument("--max-tokens", type=int, default=128, help="the longest reply, in tokens")
     p.add_argument("--quant", help="which GGUF of the run is the aligned model (default: as chat)")
+    p = sub.add_parser("pairs", help="preference pairs from AI feedback: a reward run's scores, or a constitution's "
+                       "critique and revision")
+    from app.pairs import PairsSettings
+    for field in dataclasses.fields(PairsSettings):  # the flags, their defaults and help live in app/pairs.py
+        required = field.default is dataclasses.MISSING
+        extras = {k: v for k, v in field.metadata.items() if k != "help"}
+        shown = "" if required or field.default is None else " (default: %(default)s)"
+        p.add_argument("--" + field.name.replace("_", "-"), required=required, default=None if required else
+                       field.default, type=next((t for t in typing.get_args(field.type) if t is not type(None)),
+                                                field.type), help=field.metadata["help"] + shown, **extras)
     p = sub.add_parser("serve", parents=[gguf], help="an OpenAI-compatible HTTP server for a run's GGUF (or a .gguf file)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
@@ -147,20 +161,9 @@ def cmd_train(args):
 
 
 def cmd_score(args):
-    import json
+    from app.evaluate import load_reward_run, reward_run, score_replies
 
-    from app.evaluate import score_replies
-    from app.recipe import load_recipe
-    from app.runs import resolve_run
-
-    run = resolve_run(args.run)
-    train = run / "train.json"
-    if not train.is_file() or json.loads(train.read_text()).get("method") != "reward":
-        raise AppError(f"{run.name} is not a finished reward run (train one with: make reward)")
-    recipe = load_recipe(str(run / "recipe.yaml"))
-    from app.model import import_unsloth, load_trained_reward_model
-    import_unsloth()  # before transformers and PEFT, as everywhere else
-    model, tokenizer = load_trained_reward_model(recipe, run / "adapter")
+    model, tokenizer = load_reward_run(reward_run(args.run))
     for reward, response in zip(score_replies(model, tokenizer, args.prompt, args.response), args.response):
         print(f"{reward:+.4f}  {response}")
 
@@ -191,6 +194,12 @@ def cmd_compare(args):
     from app.compare import compare_run
     from app.runs import resolve_run
     compare_run(resolve_run(args.run, write=True), args.prompts, max_tokens=args.max_tokens, quant=args.quant)
+
+
+def cmd_pairs(args):
+    from app.pairs import PairsSettings, format_counts, make_pairs
+    print(format_counts(make_pairs(PairsSettings(**{f.name: getattr(args, f.name)
+                                                    for f in dataclasses.fields(PairsSettings)}))))
 
 
 def cmd_serve(args):
@@ -315,7 +324,7 @@ def cmd_preflight(args):
     run_preflight(load_recipe(args.recipe, args.set), log=print)
 
 
-COMMANDS = {**{m: cmd_train for m in ("train", "sft", "dpo", "orpo", "kto", "reward")}, "score": cmd_score, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "compare": cmd_compare,
+COMMANDS = {**{m: cmd_train for m in ("train", "sft", "dpo", "orpo", "kto", "reward")}, "score": cmd_score, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "compare": cmd_compare, "pairs": cmd_pairs,
             "serve": cmd_serve, "data": cmd_data, "verify": cmd_verify, "report": cmd_report, "eval": cmd_eval,
             "push": cmd_push, "runs": cmd_runs, "recipes": cmd_recipes, "setup": cmd_setup, "preflight": cmd_preflight,
             "gpu-check": cmd_gpu_check}

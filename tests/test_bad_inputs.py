@@ -46,6 +46,17 @@ def gguf(name):
     return str(BAD / "gguf" / name)
 
 
+PAIRS_OUT = "/tmp/prefalign-bad-inputs-pairs.jsonl"  # never written: every pairs case fails first
+
+
+def pairs(mode, *flags):
+    return ["pairs", "--mode", mode, "--prompts", "recipes/data/tiny_prefs.jsonl", "--out", PAIRS_OUT, *flags]
+
+
+def constitution(name):
+    return str(BAD / "constitutions" / f"{name}.yaml")
+
+
 def huge_row(t):
     """One pair of 10 MB: dropped (no model reads it whole), which leaves no rows."""
     path = t.tmp / "huge.jsonl"
@@ -158,6 +169,15 @@ CASES = {
                                f"{F16}"),
     "verify: zero bytes": (run_with_gguf("verify", "zero.gguf"), "gguf/tiny-f16.gguf: 0 bytes, the manifest says"),
     "verify: no manifest": (lambda t: ["verify", str(t.folder({"recipe.yaml": "{}"}))], "has no manifest.json"),
+    # preference pairs from AI feedback (each fails before any model loads, and writes nothing)
+    "pairs: reward run not a reward model": (lambda t: pairs("reward", "--reward-run", str(t.folder(
+        {"train.json": '{"method": "dpo"}', "recipe.yaml": "{}"}))), "run is not a finished reward run"),
+    "pairs: no prompts": (["pairs", "--mode", "constitution", "--prompts", str(BAD / "data" / "no_prompts.txt"),
+                           "--out", PAIRS_OUT], "no_prompts.txt has no prompts"),
+    "pairs: constitution without principles": (pairs("constitution", "--constitution", constitution("no_principles")),
+                                               "no_principles.yaml has no principles"),
+    "pairs: principle without revision": (pairs("constitution", "--constitution", constitution("missing_revision")),
+                                          "missing_revision.yaml principle 2 (polite) has no revision_request"),
 }
 
 
