@@ -2,7 +2,7 @@
 #   make dpo [MODEL=tiny] [STEPS=N] [SET="dpo.beta=0.2 lora.r=8"]   train, export, smoke-test
 #   make dpo RESUME=exports/<run>                                    continue an interrupted run
 #   make dpo FIT=1  |  make preflight [MODEL=...] [FIT=1]           the batch that fits the GPU / the checks alone
-#   make sft|orpo|kto|reward [MODEL=tiny] [STEPS=N]                  the other methods (reward: no export)
+#   make sft|orpo|kto|reward|grpo|rloo [MODEL=tiny] [STEPS=N]        the other methods (reward: no export)
 #   make export|smoke|chat|report [RUN=exports/<run>] [QUANT=q4_k_m]
 #   make compare [RUN=exports/<run>] [QUANT=q4_k_m] [PROMPTS=file]   base vs aligned replies, side by side
 #   make eval [RUN=exports/<run>] [TASKS=t1,t2] [LIMIT=N] [GGUF=q8_0] lm-eval benchmarks, base against trained
@@ -32,7 +32,7 @@ endif
 # per set of flags here.
 LLAMA_WHEELS := $(HOME)/.cache/prefalign/llama-cpp-wheels/$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-12)
 
-.PHONY: setup gpu-check dpo sft orpo kto reward preflight export smoke chat compare eval serve report runs recipes bench test clean
+.PHONY: setup gpu-check dpo sft orpo kto reward grpo rloo preflight export smoke chat compare eval serve report runs recipes bench test clean
 
 setup: $(READY) $(foreach e,$(EXTRAS),$(VENV)/.extra-$(e))
 
@@ -59,7 +59,7 @@ $(VENV)/.extra-%: requirements-extras.txt $(READY)
 	touch $@
 
 # one target per method; a recipe whose stages end with it runs them all (make dpo MODEL=tiny-sft-dpo)
-dpo sft orpo kto reward: $(READY)
+dpo sft orpo kto reward grpo rloo: $(READY)
 	$(PY) -m app $@ $(MODEL) $(if $(STEPS),--set $@.max_steps=$(STEPS)) $(foreach s,$(SET),--set $(s)) \
 	  $(if $(FIT),--set model.auto_fit=true) $(if $(RESUME),--resume $(RESUME))
 

@@ -12,6 +12,8 @@ do). train.py records them in train.json; the pipeline prints them; report.md op
                       reference is not the model being trained, e.g. an SFT adapter stacked under DPO's
     same pairs        chosen and rejected equal or nearly so in more than SAME_SHARE of the pairs
     prompt in reply   the prompt repeated at the start of chosen or rejected in more than SAME_SHARE
+    reward flat       grpo, rloo: the mean reward of the last REWARD_WINDOW of the logged steps is not above
+                      the first's: the policy did not learn to score higher
     length drift      greedy probe replies more than LENGTH_DRIFT times longer after training than before,
                       and longer than the replies the data asks for (its chosen or desirable ones, by more
                       than TARGET_SLACK): longer towards the data's replies is the training working, past
@@ -30,6 +32,7 @@ NEARLY_SAME = 0.98   # difflib's ratio of the normalized texts
 LENGTH_DRIFT = 2.0
 TARGET_SLACK = 1.25
 MAX_PAIRS = 5000     # the data checks read the first this many pairs
+REWARD_WINDOW = 0.25  # the share of an online run's logged steps averaged at its start and at its end
 
 
 def alarm(name: str, message: str, fix: str) -> dict:
@@ -72,6 +75,29 @@ def training_alarms(method: str, records: list[dict], max_steps: int, sigmoid_lo
             "run SFT then DPO as one recipe's `stages: [sft, dpo]`: each stage starts from the previous "
             "stage's merged weights, with a fresh adapter and that model as the reference"))
     return alarms
+
+
+def reward_trend(records: list[dict]) -> dict | None:
+    """An online run's mean reward over the first and the last REWARD_WINDOW of its logged steps (each log
+    is already a mean over that step's sampled replies); None with fewer than 4 logs or none with a reward."""
+    logged = [r for r in records if r.get("reward") is not None and "eval_loss" not in r]
+    if len(logged) < 4:
+        return None
+    n = max(1, round(len(logged) * REWARD_WINDOW))
+    first, last = logged[:n], logged[-n:]
+    return {"first": sum(r["reward"] for r in first) / n, "last": sum(r["reward"] for r in last) / n,
+            "first_steps": [first[0]["step"], first[-1]["step"]], "last_steps": [last[0]["step"], last[-1]["step"]]}
+
+
+def reward_alarms(records: list[dict]) -> list[dict]:
+    trend = reward_trend(records)
+    if trend is None or trend["last"] > trend["first"]:
+        return []
+    return [alarm("reward flat", f"the mean reward over steps {trend['last_steps'][0]}-{trend['last_steps'][1]} "
+                  f"({trend['last']:+.3f}) is not above steps {trend['first_steps'][0]}-{trend['first_steps'][1]} "
+                  f"({trend['first']:+.3f}): the policy did not learn to score higher",
+                  "raise the method's learning_rate (x3) or max_steps; check that the reward model ranks the data's "
+                  "chosen replies first (its run's report), and that num_generations gives replies that differ")]
 
 
 def normalized(text: str) -> str:

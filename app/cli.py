@@ -3,6 +3,7 @@ errors. Nothing else.
 
     python -m app dpo [RECIPE] [--set section.key=value ...]   recipe -> data -> model -> train -> export -> smoke
     python -m app sft|orpo|kto|reward [RECIPE] [--set ...]      the same with another method (reward: no export)
+    python -m app grpo|rloo [RECIPE] [--set ...]                online RL against a reward run or reward functions
     python -m app train RECIPE                                  the recipe's stages, e.g. [sft, dpo]
     python -m app dpo --resume RUN                              continue an interrupted run from its checkpoint
     python -m app export [RUN]                                  adapter -> merged -> GGUF (from a run folder)
@@ -46,7 +47,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for method, what in (("train", "run the recipe's stages"), ("sft", "supervised fine-tuning"),
                          ("dpo", "DPO"), ("orpo", "ORPO (no reference model)"), ("kto", "KTO (unpaired data)"),
-                         ("reward", "a reward model (no export)")):
+                         ("reward", "a reward model (no export)"),
+                         ("grpo", "GRPO against a reward (online: sampled replies scored)"),
+                         ("rloo", "RLOO against a reward (online: sampled replies scored)")):
         p = sub.add_parser(method, help=f"{what}: train, export, smoke-test (the whole pipeline)")
         p.add_argument("recipe", nargs="?", default="tiny", help="a name in recipes/ or a path to a YAML file")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key")
@@ -324,7 +327,7 @@ def cmd_preflight(args):
     run_preflight(load_recipe(args.recipe, args.set), log=print)
 
 
-COMMANDS = {**{m: cmd_train for m in ("train", "sft", "dpo", "orpo", "kto", "reward")}, "score": cmd_score, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "compare": cmd_compare, "pairs": cmd_pairs,
+COMMANDS = {**{m: cmd_train for m in ("train", "sft", "dpo", "orpo", "kto", "reward", "grpo", "rloo")}, "score": cmd_score, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "compare": cmd_compare, "pairs": cmd_pairs,
             "serve": cmd_serve, "data": cmd_data, "verify": cmd_verify, "report": cmd_report, "eval": cmd_eval,
             "push": cmd_push, "runs": cmd_runs, "recipes": cmd_recipes, "setup": cmd_setup, "preflight": cmd_preflight,
             "gpu-check": cmd_gpu_check}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from app import AppError
 from app.chat import prompt_counter, with_system
+from app.data import read_prompts
 from app.export import BASE_GGUF
 from app.gguf import find_gguf, open_gguf
 from app.runs import rewriting_finished_run, write_text
@@ -43,16 +44,6 @@ def compare_run(run: Path, prompts_file: Path | None = None, max_tokens: int = 1
     print_columns(rows, labels)
     log(f"saved: {run / 'compare.md'}")
     return rows
-
-
-def read_prompts(path: Path) -> list[str]:
-    """One prompt per line; blank lines are skipped."""
-    if not path.is_file():
-        raise AppError(f"prompts file {path} does not exist (one prompt per line)")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise AppError(f"prompts file {path} has no prompts (one prompt per line)")
-    return prompts
 
 
 def gguf_replies(gguf: Path, prompts, system: str | None, max_tokens: int) -> list[str]:

@@ -41,7 +41,8 @@ class PreferenceData:
 
 
 def load_training_data(data: dict, method: str) -> PreferenceData:
-    """The recipe's data shaped for a training method: preference pairs for dpo, orpo and reward;
+    """The recipe's data shaped for a training method: preference pairs for dpo, orpo and reward; prompts
+    for grpo and rloo (data.prompts, or the training pairs' prompts);
     prompt/completion for sft (the chosen side of pairs, or chat data: a `messages` list or prompt and
     completion); prompt/completion/label for kto (unpaired rows, or pairs split into a true and a false
     example when data.unpair is true). Held-out pairs stay pairs, for the preference evaluation."""
@@ -52,7 +53,14 @@ def load_training_data(data: dict, method: str) -> PreferenceData:
             return load_completion_data(data, read, method)
     prefs = load_preference_data(data, read)
     prefs.pairs = prefs.eval
-    if method == "sft":
+    if method in ("grpo", "rloo"):  # prompts to sample replies to; the held-out pairs still score before and after
+        import datasets
+        if data.get("prompts"):
+            prompts = read_prompt_list(data["prompts"])
+        else:
+            prompts = list({prompt_key(p): p for p in prefs.train["prompt"]}.values())
+        prefs.train, prefs.eval = datasets.Dataset.from_list([{"prompt": p} for p in prompts]), None
+    elif method == "sft":
         prefs.train, prefs.eval = (None if d is None else d.remove_columns("rejected").rename_column("chosen", "completion")
                                    for d in (prefs.train, prefs.eval))
     elif method == "kto":
@@ -62,6 +70,48 @@ def load_training_data(data: dict, method: str) -> PreferenceData:
         from trl.data_utils import unpair_preference_dataset
         prefs.train, prefs.eval = (None if d is None else unpair_preference_dataset(d) for d in (prefs.train, prefs.eval))
     return prefs
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    if not path.is_file():
+        raise AppError(f"prompts file {path} does not exist (one prompt per line)")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise AppError(f"prompts file {path} has no prompts (one prompt per line)")
+    return prompts
+
+
+def read_prompt_list(source: str, split: str = "train") -> list[list[dict]]:
+    """The distinct prompts, in order, each as messages ending with the user's turn: from a text file (one a
+    line) or from the `prompt` column of anything app/data.py reads (rows without one, HH dialogues or whole
+    conversations, give the messages before the last reply)."""
+    path = Path(source) if Path(source).is_absolute() or Path(source).exists() else ROOT / source
+    if path.suffix == ".txt" or (path.is_file() and path.suffix not in LOCAL_SUFFIXES):
+        return [[{"role": "user", "content": p}] for p in dict.fromkeys(read_prompts(path))]
+    prompts = {}
+    for where, row in read_rows(source, split):
+        if not isinstance(row, dict):
+            raise AppError(f"{where}: expected an object with a 'prompt'")
+        prompt = row.get("prompt")
+        if prompt in (None, "", []) and "chosen" in row and "rejected" in row:
+            try:
+                prompt = to_conversational(row, where)["prompt"]
+            except DroppedRow:
+                continue
+        if isinstance(prompt, str) and prompt.strip():
+            prompt = [{"role": "user", "content": prompt}]
+        if _is_messages(prompt) and prompt[-1]["role"] == "user":
+            prompts.setdefault(prompt_key(prompt), prompt)
+        elif prompt not in (None, ""):
+            raise AppError(f"{where}: the prompt must be text or messages ending with the user's turn")
+    if not prompts:
+        raise AppError(f"{source} has no prompts (a text file with one prompt a line, or rows with a 'prompt')")
+    return list(prompts.values())
+
+
+def prompt_key(messages: list[dict]) -> str:
+    return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
 
 
 def load_completion_data(data: dict, read, method: str) -> PreferenceData:

@@ -149,7 +149,9 @@ def with_training_changes(recipe, changes: dict):
 
 def train_setting(recipe, key):
     """The recipe's value of a TRL config field, else TRL's own default for it."""
-    from app.recipe import trl_config_default
+    from app.recipe import ONLINE, trl_config_default
+    if key == "max_length" and training_method(recipe) in ONLINE:  # no such field: a prompt and a sampled reply,
+        return recipe.model["max_seq_length"]                       # at most the model's sequence length
     value = training_section(recipe).get(key)
     return value if value is not None else trl_config_default(training_method(recipe), key)
 

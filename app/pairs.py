@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from app import ROOT, AppError
+from app.data import prompt_key, read_prompt_list
 
 MODES = ("reward", "constitution")
 N_CTX = 2048  # llama.cpp's context: prompt, answer, critique and revision, as chat's default --ctx
@@ -117,41 +118,6 @@ def check_settings(s: PairsSettings):
 
 
 # prompts: a text file, or the prompts of a dataset
-
-def read_prompt_list(source: str, split: str = "train") -> list[list[dict]]:
-    """The distinct prompts, in order, each as messages ending with the user's turn: from a text file (one a
-    line) or from the `prompt` column of anything app/data.py reads (rows without one, HH dialogues or whole
-    conversations, give the messages before the last reply)."""
-    from app.data import LOCAL_SUFFIXES, DroppedRow, _is_messages, read_rows, to_conversational
-
-    path = Path(source) if Path(source).is_absolute() or Path(source).exists() else ROOT / source
-    if path.suffix == ".txt" or (path.is_file() and path.suffix not in LOCAL_SUFFIXES):
-        from app.compare import read_prompts
-        return [[{"role": "user", "content": p}] for p in dict.fromkeys(read_prompts(path))]
-    prompts = {}
-    for where, row in read_rows(source, split):
-        if not isinstance(row, dict):
-            raise AppError(f"{where}: expected an object with a 'prompt'")
-        prompt = row.get("prompt")
-        if prompt in (None, "", []) and "chosen" in row and "rejected" in row:
-            try:
-                prompt = to_conversational(row, where)["prompt"]
-            except DroppedRow:
-                continue
-        if isinstance(prompt, str) and prompt.strip():
-            prompt = [{"role": "user", "content": prompt}]
-        if _is_messages(prompt) and prompt[-1]["role"] == "user":
-            prompts.setdefault(prompt_key(prompt), prompt)
-        elif prompt not in (None, ""):
-            raise AppError(f"{where}: the prompt must be text or messages ending with the user's turn")
-    if not prompts:
-        raise AppError(f"{source} has no prompts (a text file with one prompt a line, or rows with a 'prompt')")
-    return list(prompts.values())
-
-
-def prompt_key(messages: list[dict]) -> str:
-    return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
-
 
 def as_messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

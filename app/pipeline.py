@@ -19,7 +19,7 @@ def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = 
     Returns the last stage's run folder."""
     from app.memory import with_training_changes
     from app.preflight import run_preflight
-    from app.recipe import load_recipe
+    from app.recipe import ONLINE, check_stages, load_recipe
 
     t0 = time.time()
     run, checkpoint = None, None
@@ -37,13 +37,25 @@ def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = 
     recipe = with_training_changes(recipe, checked.changes)  # model.auto_fit's batch
     # a resumed run is one stage, its own method whichever command resumes it
     stages = recipe.stages if resume or command == "train" or recipe.stages[-1] == command else [command]
+    if stages == [command] and command in ONLINE and not (recipe.rewards["run"] or recipe.rewards["functions"]):
+        log(f"{command} learns from a reward and recipe '{recipe.name}' names none (rewards.run, rewards.functions): "
+            f"a reward model is trained first, on the pairs of {recipe.data['source']} (the RLHF order)")
+        stages = ["reward", command]
+    check_stages(recipe, stages)
+    if recipe.rewards["run"] and any(s in ONLINE for s in stages):
+        from app.evaluate import reward_run
+        reward_run(recipe.rewards["run"])  # a reward run indeed, said before anything loads
+    policy, scorer = None, None  # the last runs that trained the chat model and a reward model
     for i, stage in enumerate(stages):
-        if i:  # each stage starts from the previous one's merged 16-bit weights
-            recipe = dataclasses.replace(recipe, model={**recipe.model, "name": str(run / "merged")})
+        if policy:  # each stage starts from the previous chat model's merged 16-bit weights
+            recipe = dataclasses.replace(recipe, model={**recipe.model, "name": str(policy / "merged")})
+        if stage in ONLINE and scorer and not recipe.rewards["run"]:  # [sft, reward, grpo]: the reward stage's
+            recipe = dataclasses.replace(recipe, rewards={**recipe.rewards, "run": str(scorer)})
         if len(stages) > 1:
             log(f"stage {i + 1}/{len(stages)}: {stage}")
         run = run_stage(stage, dataclasses.replace(recipe, stages=[stage]), run if checkpoint else None, checkpoint,
                         log=log)
+        policy, scorer = (policy, run) if stage == "reward" else (run, scorer)
     log(f"done in {time.time() - t0:.0f}s: {run}\n  report: {run / 'report.md'}")
     if stages[-1] != "reward":
         log(f"  chat with it: make chat   (or: python -m app chat {run.name})")
@@ -98,18 +110,22 @@ def run_stage(method: str, recipe, run=None, checkpoint=None, log=print) -> Path
 
 def export_run_folder(run: Path, log=print):
     """`export RUN`: the run's base and adapter reloaded through Unsloth, then export and smoke."""
+    import yaml
+
     from app.export import export_run
     from app.model import load_trained_model, resolve_model_source
     from app.recipe import load_recipe
 
-    recipe = load_recipe(str(run / "recipe.yaml"))
     # what training saved: the adapter, or for full fine-tuning the trained weights themselves, which the
-    # export wrote in 16 bits (merged/ appears only complete)
-    trained = run / ("merged" if recipe.model.get("full_finetuning") else "adapter")
+    # export wrote in 16 bits (merged/ appears only complete); said before the recipe is checked
+    saved = yaml.safe_load((run / "recipe.yaml").read_text()) if (run / "recipe.yaml").is_file() else None
+    full = bool(((saved or {}).get("model") or {}).get("full_finetuning"))
+    trained = run / ("merged" if full else "adapter")
     if not trained.is_dir():
         raise AppError(f"{run.name} has no {trained.name}/ (its training did not finish"
                        + (", or its export did not, and full fine-tuning keeps the trained weights nowhere else but "
-                          "its checkpoints: train it again" if trained.name == "merged" else "") + ")")
+                          "its checkpoints: train it again" if full else "") + ")")
+    recipe = load_recipe(str(run / "recipe.yaml"))
     if recipe.stages == ["reward"]:
         raise AppError(f"{run.name} is a reward model: a scorer, not a chat model, so it has no GGUF export "
                        f"(use it with: python -m app score {run.name} --prompt ... --response ...)")

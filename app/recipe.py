@@ -1,6 +1,6 @@
 """Recipes: one YAML file per model or method, validated before anything heavy is loaded.
 
-A recipe has five sections of ours, `model`, `lora`, `data`, `export` and `eval`, whose keys, defaults, types and
+A recipe has six sections of ours, `model`, `lora`, `data`, `rewards`, `export` and `eval`, whose keys, defaults, types and
 help live in the dataclasses below (one place: validation, defaults and `--help`-style docs all read them);
 one section per training method whose keys are that TRL config's own field names (checked against TRL's
 dataclass, parsed from its source, so a field TRL adds works here unchanged); and three optional top-level
@@ -73,6 +73,17 @@ class DataSection:
     max_rows: int | None = key(None, "read at most this many rows", positive=True)
     seed: int = key(0, "the shuffle before the held-out split")
     unpair: bool = key(False, "kto: each pair becomes a good (true) and a bad (false) example")
+    prompts: str | None = key(None, "grpo, rloo: the prompts they sample replies to, a text file (one a line) or any "
+                                    "file or dataset with a prompt column; null: the training prompts of source")
+
+
+@dataclasses.dataclass
+class RewardsSection:
+    run: str | None = key(None, "grpo, rloo: a reward run (exports/<run>) whose model scores every sampled reply; "
+                                "null in a recipe whose stages have a reward stage: that stage's run")
+    functions: str | None = key(None, "grpo, rloo: a Python file whose top-level functions score the replies too "
+                                      "(TRL's reward functions: f(prompts, completions, **columns) -> list of floats); "
+                                      "its code runs, and a warning says so")
 
 
 @dataclasses.dataclass
@@ -93,8 +104,8 @@ class EvalSection:
     limit: int | None = key(1000, "the first N items of each task (null: every item)", positive=True)
 
 
-OURS = {"model": ModelSection, "lora": LoraSection, "data": DataSection, "export": ExportSection,
-        "eval": EvalSection}
+OURS = {"model": ModelSection, "lora": LoraSection, "data": DataSection, "rewards": RewardsSection,
+        "export": ExportSection, "eval": EvalSection}
 DTYPES = (None, "auto", "float32", "float16", "bfloat16")
 
 
@@ -105,7 +116,9 @@ def section_defaults(section: str) -> dict:
 # method -> (TRL source file, config class): the fields are read from TRL's source (see trl_config_fields)
 METHODS = {"sft": ("trainer/sft_config.py", "SFTConfig"), "dpo": ("trainer/dpo_config.py", "DPOConfig"),
            "orpo": ("experimental/orpo/orpo_config.py", "ORPOConfig"),  # experimental upstream
-           "kto": ("trainer/kto_config.py", "KTOConfig"), "reward": ("trainer/reward_config.py", "RewardConfig")}
+           "kto": ("trainer/kto_config.py", "KTOConfig"), "reward": ("trainer/reward_config.py", "RewardConfig"),
+           "grpo": ("trainer/grpo_config.py", "GRPOConfig"), "rloo": ("trainer/rloo_config.py", "RLOOConfig")}
+ONLINE = ("grpo", "rloo")  # they sample replies to prompts and learn from a reward (RewardsSection)
 SECTIONS = [*OURS, *METHODS]
 
 
@@ -116,6 +129,7 @@ class Recipe:
     model: dict
     lora: dict
     data: dict
+    rewards: dict  # where grpo and rloo get their reward
     export: dict
     eval: dict     # lm-eval tasks for `python -m app eval`
     stages: list   # methods, run in order: [dpo], [sft, dpo], ...
@@ -124,6 +138,8 @@ class Recipe:
     orpo: dict
     kto: dict
     reward: dict
+    grpo: dict
+    rloo: dict
 
     def to_dict(self) -> dict:
         return {"stages": self.stages, **{s: getattr(self, s) for s in SECTIONS}}
@@ -255,10 +271,23 @@ def _check_values(r: Recipe):
             if value is not None and (not isinstance(value, int) or (value <= 0 and (key, value) != ("max_steps", -1))):
                 raise AppError(f"{where} {method}.{key} must be a positive integer"
                                f"{' (or -1: train for num_train_epochs)' if key == 'max_steps' else ''}, got {value!r}")
+    check_stages(r, r.stages)
+    functions = r.rewards["functions"]
+    if functions and not (Path(functions).is_file() or (ROOT / functions).is_file()):
+        raise AppError(f"{where} rewards.functions: {functions} does not exist")
     from app.gguf import GGUF_TYPES
     for t in r.export["gguf"]:
         if t not in GGUF_TYPES:
             raise AppError(f"{where} export.gguf type '{t}' is not one of {', '.join(GGUF_TYPES)}")
+
+
+def check_stages(r: Recipe, stages: list):
+    """What the stages a command runs need of the recipe: an online method needs a reward."""
+    online = [s for s in stages if s in ONLINE]
+    if online and not (r.rewards["run"] or r.rewards["functions"] or "reward" in stages[:stages.index(online[0])]):
+        raise AppError(f"{r.path}: {online[0]} learns from a reward, and this recipe names none: set rewards.run (a "
+                       f"reward run's folder), rewards.functions (a Python file of reward functions), or put a reward "
+                       f"stage before it (stages: [sft, reward, {online[0]}])")
 
 
 # values the app takes for a TRL field beyond its type: the reference cache's default (app/refcache.py)

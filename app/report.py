@@ -103,6 +103,7 @@ def write_report(run: Path) -> list[str]:
     for name, key in (("base (before)", "base"), ("trained (HF, LoRA)", "trained")):
         lines.append(pair_row(name, pref.get(key, {})))
     lines += [pair_row(r["file"], r["preference"]) for r in smoke["results"] if r.get("preference", {}).get("pairs")]
+    lines += reward_lines(logs, train.get("reward_trend"))
     evals = [r for r in logs if "eval_loss" in r]
     if evals:
         lines += ["", "## TRL's eval metrics (DPO's implicit reward; 0 at step 0, where policy = reference)", "",
@@ -120,6 +121,21 @@ def write_report(run: Path) -> list[str]:
         lines += ["## Smoke test: llama.cpp against the merged model", "", "```", format_table(smoke["results"]), "```"]
     write_text(run / "report.md", "\n".join(lines) + "\n")
     return [line[2:] for line in lines[2:7]]  # the five "- " lines under the title
+
+
+def reward_lines(logs: list[dict], trend: dict | None) -> list[str]:
+    """grpo, rloo: the mean reward of the sampled replies at every logged step, and its start and end."""
+    logged = [r for r in logs if r.get("reward") is not None and "eval_loss" not in r]
+    if not logged:
+        return []
+    lines = ["", "## Mean reward of the sampled replies", "", "![mean reward](plots/reward.png)", ""]
+    if trend:
+        lines += [f"Over steps {trend['first_steps'][0]}-{trend['first_steps'][1]}: {trend['first']:+.3f}; over "
+                  f"steps {trend['last_steps'][0]}-{trend['last_steps'][1]}: {trend['last']:+.3f} "
+                  f"({'rising' if trend['last'] > trend['first'] else 'NOT rising'}).", ""]
+    lines += ["| step | mean reward | spread (std) | reply length (tokens) |", "|---|---|---|---|"]
+    return lines + [f"| {r['step']} | {r['reward']:+.3f} | {r.get('reward_std', float('nan')):.2f} | "
+                    f"{r.get('completions/mean_length', float('nan')):.1f} |" for r in logged]
 
 
 def benchmark_lines(evals: dict | None) -> list[str]:
@@ -208,6 +224,8 @@ def plot_curves(logs, out: Path):
         "logps": [("log-probability of the replies", [("logps/chosen", "chosen", "C2", None),
                                                        ("logps/rejected", "rejected", "C3", None)], "sum of token log-probs")],
     }
+    if any("reward" in r for r in train):  # grpo, rloo
+        panels["reward"] = [("mean reward of the sampled replies", [("reward", "mean reward", "C1", None)], "reward")]
     for name, axes_spec in panels.items():
         fig, axes = plt.subplots(1, len(axes_spec), figsize=(6 * len(axes_spec), 4), squeeze=False)
         for ax, (title, curves, ylabel) in zip(axes[0], axes_spec):

@@ -17,18 +17,19 @@ from pathlib import Path
 from transformers import PrinterCallback, TrainerCallback
 
 from app import AppError
-from app.alarms import MAX_PAIRS, data_alarms, length_alarms, training_alarms
+from app.alarms import MAX_PAIRS, data_alarms, length_alarms, reward_alarms, reward_trend, training_alarms
 from app.evaluate import (generate_replies, held_out_pairs, score_pairs_hf, score_pairs_reward, summarize_scores,
                           unsloth_inference)
-from app.model import local_model_folder
-from app.recipe import trl_config_default
+from app.model import load_rewards, local_model_folder
+from app.recipe import ONLINE, trl_config_default
 from app.refcache import attach_reference_log_probs, reference_line
 from app.runs import checkpoint_step, last_checkpoint, write_json, write_text
 
 # method -> (module, config class, trainer class, whether the trainer takes ref_model=None: adapters off)
 TRAINERS = {"sft": ("trl", "SFTConfig", "SFTTrainer", False), "dpo": ("trl", "DPOConfig", "DPOTrainer", True),
             "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer", False),
-            "kto": ("trl", "KTOConfig", "KTOTrainer", True), "reward": ("trl", "RewardConfig", "RewardTrainer", False)}
+            "kto": ("trl", "KTOConfig", "KTOTrainer", True), "reward": ("trl", "RewardConfig", "RewardTrainer", False),
+            "grpo": ("trl", "GRPOConfig", "GRPOTrainer", False), "rloo": ("trl", "RLOOConfig", "RLOOTrainer", False)}
 
 
 def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbacks):
@@ -47,10 +48,14 @@ def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbac
         fields["precompute_ref_log_probs"] = False
     args = getattr(module, config_class)(**{
         "output_dir": str(run / "checkpoints"), "report_to": "none", "disable_tqdm": True,  # our bar, our lines
-        "include_num_input_tokens_seen": "non_padding", "save_total_limit": 2,
+        # online methods generate their inputs: Trainer cannot count them (it warns at every step)
+        "include_num_input_tokens_seen": "no" if method in ONLINE else "non_padding", "save_total_limit": 2,
         "bf16": on_gpu and torch.cuda.is_bf16_supported(), "fp16": on_gpu and not torch.cuda.is_bf16_supported(),
         **fields})
     extra = {"ref_model": None} if takes_ref else {}
+    if method in ONLINE:  # they sample replies to the prompts and learn from these scores (a beta > 0 makes
+        # the model with adapters off their reference, as DPO's)
+        extra["reward_funcs"], extra["reward_processing_classes"] = load_rewards(recipe)
     trainer = getattr(module, trainer_class)(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                                              processing_class=tokenizer, callbacks=callbacks, **extra)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; MetricsLog prints one line per log
@@ -76,7 +81,7 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
 
     # before: LoRA B starts at zero (or nothing trained yet), so the model is still the base (reward: a random head)
     probes = recipe.export["probes"] if causal else []
-    pairs, too_long = held_out_pairs(data.pairs, tokenizer, recipe.data["eval_pairs"], args.max_length)
+    pairs, too_long = held_out_pairs(data.pairs, tokenizer, recipe.data["eval_pairs"], getattr(args, "max_length", None))
     score = score_pairs_hf if causal else score_pairs_reward
     with unsloth_inference(model) if causal else _no_grad():
         before = generate_replies(model, tokenizer, probes)
@@ -120,7 +125,7 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
         model.save_pretrained(str(run / "adapter"))
         tokenizer.save_pretrained(str(run / "adapter"))
     return {
-        "alarms": run_alarms(method, run / "metrics.jsonl", result.global_step, args, data, tokenizer, before, after),
+        "alarms": run_alarms(method, log.records(), result.global_step, args, data, tokenizer, before, after),
         "method": method, "steps": result.global_step, "reference": reference,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
         "train_loss": result.training_loss, "eval": {k: v for k, v in final_eval.items() if k.startswith("eval_")},
@@ -128,6 +133,7 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
         "data": {"source": data.source, "format": data.format, "rows": data.rows, "dropped": data.dropped,
                  "train": len(data.train), "eval": 0 if data.eval is None else len(data.eval)},
         "replies": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(probes, before, after)],
+        "reward_trend": reward_trend(log.records()) if method in ONLINE else None,
     }
 
 
@@ -140,10 +146,9 @@ def full_finetuning_reference(trainer) -> dict:
             "why": "full fine-tuning with precompute_ref_log_probs false: TRL keeps a frozen copy of the weights"}
 
 
-def run_alarms(method, metrics: Path, steps: int, args, data, tokenizer, before, after) -> list[dict]:
+def run_alarms(method, records: list[dict], steps: int, args, data, tokenizer, before, after) -> list[dict]:
     """app.alarms over this run: its logged metrics, its first training pairs as text, the token counts of
     its probe replies and of the replies its data asks for (chosen, or desirable completions)."""
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     loss_type = getattr(args, "loss_type", "sigmoid")
     sigmoid = (loss_type if isinstance(loss_type, list) else [loss_type]) == ["sigmoid"]
     rows = data.train.select(range(min(len(data.train), MAX_PAIRS))) if data.train is not None else []
@@ -155,10 +160,12 @@ def run_alarms(method, metrics: Path, steps: int, args, data, tokenizer, before,
             targets.append(row["chosen"][-1]["content"])
         elif "completion" in row and row.get("label", True):
             targets.append(row["completion"][-1]["content"])
+    if not targets and data.pairs is not None:  # grpo, rloo train on prompts: the held-out pairs say what is asked
+        targets = [row["chosen"][-1]["content"] for row in data.pairs]
 
     def tokens(texts):
         return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
-    return (training_alarms(method, records, steps, sigmoid) + data_alarms(pairs)
+    return (training_alarms(method, records, steps, sigmoid) + reward_alarms(records) + data_alarms(pairs)
             + length_alarms(tokens(before), tokens(after), tokens(targets[:1000])))
 
 
@@ -230,6 +237,9 @@ class MetricsLog(TrainerCallback):
         if self.bar:
             self.bar.close()
 
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
 
 # what each method logs as its accuracy and margin (train keys; eval keys have an "eval_" prefix)
 ACCURACY_KEYS = ("rewards/accuracies", "mean_token_accuracy", "accuracy")
@@ -241,8 +251,9 @@ def format_log_line(r: dict, max_steps: int) -> str | None:
         return next((r[prefix + k] for k in keys if prefix + k in r), None)
 
     def extras(prefix=""):
-        acc, margin = first(ACCURACY_KEYS, prefix), first(MARGIN_KEYS, prefix)
-        return (f" | acc {acc:.2f}" if acc is not None else "") + (f" | margin {margin:+.3f}" if margin is not None else "")
+        acc, margin, reward = first(ACCURACY_KEYS, prefix), first(MARGIN_KEYS, prefix), r.get(prefix + "reward")
+        return ((f" | acc {acc:.2f}" if acc is not None else "") + (f" | margin {margin:+.3f}" if margin is not None else "")
+                + (f" | reward {reward:+.3f}" if reward is not None else ""))  # grpo, rloo: the mean of the samples
 
     if "loss" in r:
         speed = f" | {r['tokens_per_second']:,.0f} tok/s" if r["tokens_per_second"] else ""  # ORPO counts none
@@ -269,6 +280,11 @@ def training_summary_lines(s: dict) -> list[str]:
         lines.append(f"held-out {method} loss {ev.get('eval_loss', 0):.4f}"
                      + (f", accuracy {acc:.2f}" if acc is not None else "")
                      + (f", margin {margin:+.3f}" if margin is not None else ""))
+    trend = s.get("reward_trend")
+    if trend:
+        lines.append(f"mean reward of the sampled replies: {trend['first']:+.3f} over steps {trend['first_steps'][0]}-"
+                     f"{trend['first_steps'][1]} -> {trend['last']:+.3f} over steps {trend['last_steps'][0]}-"
+                     f"{trend['last_steps'][1]}")
     for r in s["replies"]:
         lines.append(f"prompt: {r['prompt']}\n  before {method}: {r['before']}\n  after {method}:  {r['after']}")
     return lines

@@ -10,7 +10,7 @@ import pytest
 
 from app.cli import main
 from app.runs import EXPORTS
-from tests.conftest import new_runs, read_jsonl  # noqa: F401  (new_runs: TEMP re-export for test_pairs)
+from tests.conftest import read_jsonl
 
 STEPS = 20  # for the sft -> dpo chain; sft, orpo and kto run their recipe's own steps
 

@@ -13,7 +13,6 @@ import pytest
 from app.cli import main
 from app.pairs import read_constitution
 from tests.conftest import read_jsonl
-from tests.test_methods import new_runs  # noqa: F401 (a fixture: the run folders a test made, removed after it)
 
 PROMPTS = "recipes/data/tiny_prefs.jsonl"  # 300 distinct prompts; the first LIMIT are used
 LIMIT = 30
