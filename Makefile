@@ -1,6 +1,7 @@
 # Thin wrappers over `python -m app ...`; every target sets itself up on first use.
 #   make dpo [MODEL=tiny] [STEPS=N] [SET="dpo.beta=0.2 lora.r=8"]   train, export, smoke-test
 #   make dpo RESUME=exports/<run>                                    continue an interrupted run
+#   make dpo GPUS=N                                                  train in N processes (accelerate launch, DDP)
 #   make dpo FIT=1  |  make preflight [MODEL=...] [FIT=1]           the batch that fits the GPU / the checks alone
 #   make sft|orpo|kto|reward|grpo|rloo [MODEL=tiny] [STEPS=N]        the other methods (reward: no export)
 #   make export|smoke|chat|report [RUN=exports/<run>] [QUANT=q4_k_m]
@@ -61,7 +62,7 @@ $(VENV)/.extra-%: requirements-extras.txt $(READY)
 # one target per method; a recipe whose stages end with it runs them all (make dpo MODEL=tiny-sft-dpo)
 dpo sft orpo kto reward grpo rloo: $(READY)
 	$(PY) -m app $@ $(MODEL) $(if $(STEPS),--set $@.max_steps=$(STEPS)) $(foreach s,$(SET),--set $(s)) \
-	  $(if $(FIT),--set model.auto_fit=true) $(if $(RESUME),--resume $(RESUME))
+	  $(if $(FIT),--set model.auto_fit=true) $(if $(RESUME),--resume $(RESUME)) $(if $(GPUS),--processes $(GPUS))
 
 # versions, converter, tokenizer, data, disk, GPU memory in seconds (dpo runs the same checks first)
 preflight: $(READY)

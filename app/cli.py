@@ -6,6 +6,7 @@ errors. Nothing else.
     python -m app grpo|rloo [RECIPE] [--set ...]                online RL against a reward run or reward functions
     python -m app train RECIPE                                  the recipe's stages, e.g. [sft, dpo]
     python -m app dpo --resume RUN                              continue an interrupted run from its checkpoint
+    python -m app dpo RECIPE --processes N                      train in N processes (GPUs) under accelerate launch
     python -m app export [RUN]                                  adapter -> merged -> GGUF (from a run folder)
     python -m app smoke [RUN]                                   llama.cpp checks every GGUF of a run
     python -m app chat [RUN_OR_GGUF] [--quant q4_k_m]           chat with a GGUF
@@ -54,6 +55,11 @@ def main(argv=None) -> int:
         p.add_argument("recipe", nargs="?", default="tiny", help="a name in recipes/ or a path to a YAML file")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key")
         p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its newest checkpoint")
+        p.add_argument("--processes", type=int, default=1, metavar="N",
+                       help="train in N processes (one per GPU) under accelerate launch: DDP, or the recipe's launch.config")
+    p = sub.add_parser("train-worker", help="one process of a --processes N training (started by accelerate launch)")
+    p.add_argument("run")
+    p.add_argument("--checkpoint")
     p = sub.add_parser("score", help="score a reply with a reward run's model")
     p.add_argument("run", help="a reward run folder or name")
     p.add_argument("--prompt", required=True)
@@ -160,7 +166,14 @@ def main(argv=None) -> int:
 
 def cmd_train(args):
     from app.pipeline import train_recipe
-    train_recipe(args.recipe, args.set, args.command, resume=args.resume)
+    if args.processes < 1:
+        raise AppError(f"--processes {args.processes}: the number of training processes is 1 or more")
+    train_recipe(args.recipe, args.set, args.command, resume=args.resume, processes=args.processes)
+
+
+def cmd_train_worker(args):
+    from app.pipeline import train_worker
+    train_worker(Path(args.run), Path(args.checkpoint) if args.checkpoint else None)
 
 
 def cmd_score(args):
@@ -327,7 +340,7 @@ def cmd_preflight(args):
     run_preflight(load_recipe(args.recipe, args.set), log=print)
 
 
-COMMANDS = {**{m: cmd_train for m in ("train", "sft", "dpo", "orpo", "kto", "reward", "grpo", "rloo")}, "score": cmd_score, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "compare": cmd_compare, "pairs": cmd_pairs,
+COMMANDS = {**{m: cmd_train for m in ("train", "sft", "dpo", "orpo", "kto", "reward", "grpo", "rloo")}, "train-worker": cmd_train_worker, "score": cmd_score, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "compare": cmd_compare, "pairs": cmd_pairs,
             "serve": cmd_serve, "data": cmd_data, "verify": cmd_verify, "report": cmd_report, "eval": cmd_eval,
             "push": cmd_push, "runs": cmd_runs, "recipes": cmd_recipes, "setup": cmd_setup, "preflight": cmd_preflight,
             "gpu-check": cmd_gpu_check}

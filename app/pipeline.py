@@ -6,6 +6,7 @@ last stages of a finished run. Progress lines go to `log` (the CLI passes print)
 are AppError, as everywhere.
 """
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -13,10 +14,12 @@ from pathlib import Path
 from app import AppError
 
 
-def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = None, log=print) -> Path:
+def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = None, processes: int = 1,
+                 log=print) -> Path:
     """`train RECIPE` runs the recipe's stages; `sft|dpo|orpo|kto|reward RECIPE` runs that method (or the
     recipe's stages when they end with it: `dpo tiny-sft-dpo` runs sft, then dpo from its merged weights).
-    Returns the last stage's run folder."""
+    `processes` > 1 trains each stage under accelerate launch (app/launch.py). Returns the last stage's
+    run folder."""
     from app.memory import with_training_changes
     from app.preflight import run_preflight
     from app.recipe import ONLINE, check_stages, load_recipe
@@ -54,7 +57,7 @@ def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = 
         if len(stages) > 1:
             log(f"stage {i + 1}/{len(stages)}: {stage}")
         run = run_stage(stage, dataclasses.replace(recipe, stages=[stage]), run if checkpoint else None, checkpoint,
-                        log=log)
+                        processes, log=log)
         policy, scorer = (policy, run) if stage == "reward" else (run, scorer)
     log(f"done in {time.time() - t0:.0f}s: {run}\n  report: {run / 'report.md'}")
     if stages[-1] != "reward":
@@ -62,15 +65,54 @@ def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = 
     return run
 
 
-def run_stage(method: str, recipe, run=None, checkpoint=None, log=print) -> Path:
-    """recipe -> data -> model -> train -> export -> smoke for one method; returns the run folder."""
+def run_stage(method: str, recipe, run=None, checkpoint=None, processes: int = 1, log=print) -> Path:
+    """recipe -> data -> model -> train -> export -> smoke for one method; returns the run folder. With
+    `processes` > 1 the training runs under `accelerate launch` (app/launch.py), and this process exports
+    and smoke-tests what its rank 0 saved."""
+    from app.model import import_unsloth
+    import_unsloth()  # first: it patches transformers, TRL and PEFT on import (kto's data step imports TRL)
+    from app.runs import write_json
+    from app.train import train, training_summary_lines
+
+    model = None
+    if processes > 1:
+        from app.launch import launch_training
+        from app.model import check_model_environment
+        check_model_environment(recipe)  # said once, here, rather than by every rank
+        run = start_run(method, recipe, run, checkpoint, log)
+        launch_training(run, processes, recipe.launch["config"], checkpoint, log)
+        summary = json.loads((run / "train.json").read_text())
+    else:
+        data, source, model, tokenizer = load_stage(method, recipe, log)
+        run = start_run(method, recipe, run, checkpoint, log)
+        summary = train(method, model, tokenizer, data, recipe, run, resume_from=checkpoint)
+        write_json(run / "train.json", summary)
+    for line in training_summary_lines(summary):
+        log(line)
+    if method == "reward":  # a scorer, not a chat model: nothing to merge into a GGUF
+        from app.report import write_report
+        from app.runs import write_manifest
+        for line in write_report(run):
+            log(line)
+        write_manifest(run)
+        return run
+    if model is None:  # trained in other processes: rank 0 saved the adapter (or the weights)
+        export_run_folder(run, log=log)
+        return run
+
+    from app.export import export_run
+    export_run(run, recipe, model, tokenizer, source, log=log)
+    del model  # the smoke test loads the merged weights; the training model's memory goes back first
+    check_run(run, recipe, log=log)
+    return run
+
+
+def load_stage(method: str, recipe, log=print):
+    """(data, model source, model, tokenizer): the data and model stages of a method's run."""
     from app.model import import_unsloth
     import_unsloth()  # first: it patches transformers, TRL and PEFT on import (kto's data step imports TRL)
     from app.data import load_training_data
     from app.model import check_model_environment, load_model, load_reward_model, resolve_model_source
-    from app.recipe import save_recipe
-    from app.runs import create_run, write_json
-    from app.train import train, training_summary_lines
 
     check_model_environment(recipe)  # GPU, model files, network: said before anything is loaded
     data = load_training_data(recipe.data, method)
@@ -79,6 +121,13 @@ def run_stage(method: str, recipe, run=None, checkpoint=None, log=print) -> Path
         f"{len(data.eval) if data.eval is not None else 0} held out")
     source = resolve_model_source(recipe)
     model, tokenizer = (load_reward_model if method == "reward" else load_model)(recipe, source)
+    return data, source, model, tokenizer
+
+
+def start_run(method: str, recipe, run=None, checkpoint=None, log=print) -> Path:
+    """The run folder (new, or the one a checkpoint belongs to) with the resolved recipe.yaml in it."""
+    from app.recipe import save_recipe
+    from app.runs import create_run
 
     if checkpoint:
         log(f"run folder: {run} (resuming from {checkpoint.name})")
@@ -89,23 +138,30 @@ def run_stage(method: str, recipe, run=None, checkpoint=None, log=print) -> Path
     # report_to: tensorboard writes into the run: transformers 5 has no logging_dir, and its callback, first
     # called by the step-0 evaluation before training begins, would write to ./runs/ in the current directory
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")
-    summary = train(method, model, tokenizer, data, recipe, run, resume_from=checkpoint)
-    write_json(run / "train.json", summary)
-    for line in training_summary_lines(summary):
-        log(line)
-    if method == "reward":  # a scorer, not a chat model: nothing to merge into a GGUF
-        from app.report import write_report
-        from app.runs import write_manifest
-        for line in write_report(run):
-            log(line)
-        write_manifest(run)
-        return run
-
-    from app.export import export_run
-    export_run(run, recipe, model, tokenizer, source, log=log)
-    del model  # the smoke test loads the merged weights; the training model's memory goes back first
-    check_run(run, recipe, log=log)
     return run
+
+
+def train_worker(run: Path, checkpoint: Path | None = None):
+    """One rank of a launched training stage (app/launch.py): the data, model and train stages of the run's
+    recipe; rank 0 writes train.json. A failure leaves the one line the parent names the rank with."""
+    from app.launch import load_cpu_rank_checkpoints, record_failure
+    from app.recipe import load_recipe
+    from app.runs import write_json
+    from app.train import train
+
+    rank = int(os.environ.get("RANK", "0"))
+    load_cpu_rank_checkpoints()
+    try:
+        recipe = load_recipe(str(run / "recipe.yaml"))
+        method = recipe.stages[0]
+        data, _, model, tokenizer = load_stage(method, recipe, log=print if rank == 0 else (lambda *a: None))
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")
+        summary = train(method, model, tokenizer, data, recipe, run, resume_from=checkpoint)
+        if summary is not None:  # rank 0
+            write_json(run / "train.json", summary)
+    except BaseException as e:
+        record_failure(run, e)
+        raise
 
 
 def export_run_folder(run: Path, log=print):

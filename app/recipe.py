@@ -1,6 +1,6 @@
 """Recipes: one YAML file per model or method, validated before anything heavy is loaded.
 
-A recipe has six sections of ours, `model`, `lora`, `data`, `rewards`, `export` and `eval`, whose keys, defaults, types and
+A recipe has seven sections of ours, `model`, `lora`, `data`, `rewards`, `export`, `eval` and `launch`, whose keys, defaults, types and
 help live in the dataclasses below (one place: validation, defaults and `--help`-style docs all read them);
 one section per training method whose keys are that TRL config's own field names (checked against TRL's
 dataclass, parsed from its source, so a field TRL adds works here unchanged); and three optional top-level
@@ -104,8 +104,14 @@ class EvalSection:
     limit: int | None = key(1000, "the first N items of each task (null: every item)", positive=True)
 
 
+@dataclasses.dataclass
+class LaunchSection:
+    config: str | None = key(None, "--processes N > 1: an accelerate config file (FSDP2, DeepSpeed ZeRO) for "
+                                   "`accelerate launch`; null: data-parallel DDP")
+
+
 OURS = {"model": ModelSection, "lora": LoraSection, "data": DataSection, "rewards": RewardsSection,
-        "export": ExportSection, "eval": EvalSection}
+        "export": ExportSection, "eval": EvalSection, "launch": LaunchSection}
 DTYPES = (None, "auto", "float32", "float16", "bfloat16")
 
 
@@ -132,6 +138,7 @@ class Recipe:
     rewards: dict  # where grpo and rloo get their reward
     export: dict
     eval: dict     # lm-eval tasks for `python -m app eval`
+    launch: dict   # how --processes N launches the training (accelerate)
     stages: list   # methods, run in order: [dpo], [sft, dpo], ...
     sft: dict      # keyword arguments for trl.SFTConfig, and so on
     dpo: dict
@@ -272,9 +279,9 @@ def _check_values(r: Recipe):
                 raise AppError(f"{where} {method}.{key} must be a positive integer"
                                f"{' (or -1: train for num_train_epochs)' if key == 'max_steps' else ''}, got {value!r}")
     check_stages(r, r.stages)
-    functions = r.rewards["functions"]
-    if functions and not (Path(functions).is_file() or (ROOT / functions).is_file()):
-        raise AppError(f"{where} rewards.functions: {functions} does not exist")
+    for key, path in (("rewards.functions", r.rewards["functions"]), ("launch.config", r.launch["config"])):
+        if path and not (Path(path).is_file() or (ROOT / path).is_file()):
+            raise AppError(f"{where} {key}: {path} does not exist")
     from app.gguf import GGUF_TYPES
     for t in r.export["gguf"]:
         if t not in GGUF_TYPES:

@@ -9,6 +9,7 @@ held-out preference pairs are scored before and after (app/evaluate.py), whateve
 import importlib
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -42,8 +43,11 @@ def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbac
     fields = dict(getattr(recipe, method))
     if method == "dpo" and recipe.model.get("full_finetuning"):
         # no adapter to turn off: the reference is TRL's own, a second copy of the weights that it loads
-        # (precompute_ref_log_probs false) or one pass of the starting weights before training (true, auto)
-        fields["precompute_ref_log_probs"] = fields.get("precompute_ref_log_probs", "auto") is not False
+        # (precompute_ref_log_probs false) or one pass of the starting weights before training (true, auto).
+        # Launched (app/launch.py), the copy: TRL's pass caches the log-probs of an in-memory dataset in a
+        # temporary folder of rank 0's, which the other ranks then fail to open
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        fields["precompute_ref_log_probs"] = fields.get("precompute_ref_log_probs", "auto") is not False and not launched
     elif method == "dpo":  # app/refcache.py scores the reference once and hands TRL its columns (see train())
         fields["precompute_ref_log_probs"] = False
     args = getattr(module, config_class)(**{
@@ -62,18 +66,21 @@ def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbac
     return trainer
 
 
-def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: Path | None = None) -> dict:
-    """Train in place; write metrics.jsonl, preference_eval.json and adapter/ into `run`; return a summary.
+def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: Path | None = None) -> dict | None:
+    """Train in place; write metrics.jsonl, preference_eval.json and adapter/ into `run`; return a summary
+    (None on a rank other than 0 of a launched run, app/launch.py: it trains, saves with the others, and stops).
     With `resume_from` (a checkpoint of this run), Trainer restores adapter, optimizer, scheduler and RNG
     states and goes on from its step; metrics logged after that step are dropped first (they are redone)."""
     log = MetricsLog(run / "metrics.jsonl", method)
     trainer = make_trainer(method, model, tokenizer, data, recipe, run, [log])
-    reference, full = None, bool(recipe.model.get("full_finetuning"))
+    # under accelerate launch (app/launch.py) every rank trains; rank 0 alone measures and writes
+    main, full = trainer.is_world_process_zero(), bool(recipe.model.get("full_finetuning"))
+    reference = None
     if method == "dpo" and full:
         reference = full_finetuning_reference(trainer)
-        print(reference_line(reference))
     elif method == "dpo":  # from the cache, scored once, or in every step (precompute_ref_log_probs)
         reference = attach_reference_log_probs(trainer, recipe, local_model_folder(str(recipe.model["name"])))
+    if reference and main:
         print(reference_line(reference))
     args, causal = trainer.args, method != "reward"
     # sft has none: its margins are reported at DPO's default beta (reward accuracy does not depend on it)
@@ -83,11 +90,14 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     probes = recipe.export["probes"] if causal else []
     pairs, too_long = held_out_pairs(data.pairs, tokenizer, recipe.data["eval_pairs"], getattr(args, "max_length", None))
     score = score_pairs_hf if causal else score_pairs_reward
-    with unsloth_inference(model) if causal else _no_grad():
-        before = generate_replies(model, tokenizer, probes)
-        base_scores = score(model, pairs)
+    before, base_scores = [], []
+    if main:
+        with unsloth_inference(model) if causal else _no_grad():
+            before = generate_replies(model, tokenizer, probes)
+            base_scores = score(model, pairs)
     if resume_from:
-        keep_metrics_until(run / "metrics.jsonl", checkpoint_step(resume_from))
+        if main:
+            keep_metrics_until(run / "metrics.jsonl", checkpoint_step(resume_from))
         if not full:  # full fine-tuning: Trainer loads the checkpoint's weights itself
             # PEFT saves the trained adapter at the checkpoint's root and TRL's frozen "ref" copy in ref/; when a
             # checkpoint has adapter sub-folders Trainer loads only those (transformers#30505), so the trained
@@ -96,8 +106,10 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
             # model's LoRA in bfloat16, QLoRA's recipe); PEFT's default would upcast it to float32 and the
             # resumed run would take other steps than the uninterrupted one
             model.load_adapter(str(resume_from), model.active_adapter, is_trainable=True, autocast_adapter_dtype=False)
-    elif data.eval is not None:
-        trainer.evaluate()  # TRL's eval metrics at step 0: where the eval curves start
+    # TRL's eval metrics at step 0, where the eval curves start: inside train(), after accelerate wraps the
+    # model (an evaluate() called before it leaves a launched run's model unwrapped: every rank then trains
+    # on its own shard without DDP's gradient sync; measured on 2 CPU processes)
+    trainer.args.eval_on_start = data.eval is not None and not resume_from
 
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if log.bad_step is not None:
@@ -110,6 +122,11 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     if data.eval is not None:  # reuse the eval of the last step when there was one
         final_eval = evals[-1] if evals and evals[-1]["step"] == result.global_step else trainer.evaluate()
 
+    if trainer.args.world_size > 1:  # every rank takes part (FSDP, DeepSpeed gather the weights); rank 0 writes
+        trainer.save_model(str(run / ("merged" if full else "adapter")))
+    if not main:
+        return None
+
     # after
     with unsloth_inference(model) if causal else _no_grad():
         after = generate_replies(model, tokenizer, probes)
@@ -121,7 +138,7 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     write_json(run / "preference_eval.json", {**preference, "beta": beta, "method": method, "pairs": [
         {**p, "base": b, "trained": t} for p, b, t in zip(pairs, base_scores, trained_scores)]})
 
-    if not full:  # a fully fine-tuned model is saved by the export, in 16 bits (app/export.py)
+    if not full and trainer.args.world_size == 1:  # a fully fine-tuned model is saved by the export, in 16 bits
         model.save_pretrained(str(run / "adapter"))
         tokenizer.save_pretrained(str(run / "adapter"))
     return {
@@ -203,7 +220,7 @@ class MetricsLog(TrainerCallback):
         self.start = time.time()
         self.last_tokens = state.num_input_tokens_seen  # not 0 when resuming from a checkpoint
         self.bar = tqdm(total=state.max_steps, desc=self.method, unit="step", file=sys.stderr,
-                        disable=not sys.stderr.isatty(), leave=False)
+                        disable=not sys.stderr.isatty() or not state.is_world_process_zero, leave=False)
 
     def on_step_begin(self, args, state, control, **kw):
         self.step_began = time.time()
@@ -223,9 +240,11 @@ class MetricsLog(TrainerCallback):
             logs["tokens_per_second"] = round((tokens - self.last_tokens) / max(seconds, 1e-9), 1)
             logs["peak_memory_gb"] = peak_memory_gb()
             self.last_step_seconds, self.last_tokens = self.step_seconds, tokens
-            if not math.isfinite(logs["loss"]):
+            if not math.isfinite(logs["loss"]):  # on every rank: the logged loss is their mean
                 self.bad_step, self.bad_value = state.global_step, logs["loss"]
                 control.should_training_stop = True
+        if not state.is_world_process_zero:
+            return
         record = {"step": state.global_step, "time": round(now - (self.start or now), 2), **logs}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
