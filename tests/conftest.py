@@ -29,18 +29,9 @@ TINY_STEPS = 60  # the recipe's own: the suite checks the run `make dpo` shows a
 @pytest.fixture(scope="session")
 def tiny_run(unsloth_first):
     """The run folder of `python -m app dpo tiny` (in-process), removed at the end of the session."""
-    from app.cli import main
-
     latest = EXPORTS / "latest"
     old_latest = os.readlink(latest) if latest.is_symlink() else None
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):  # its "run folder:" line names the run (another session may train too)
-            code = main(["dpo", "tiny", "--set", f"dpo.max_steps={TINY_STEPS}"])
-    finally:
-        print(out.getvalue(), end="")
-    assert code == 0
-    run = Path(re.search(r"^run folder: (.+)$", out.getvalue(), re.M)[1])
+    (run,) = run_in_process(["dpo", "tiny", "--set", f"dpo.max_steps={TINY_STEPS}"])
     yield run
     shutil.rmtree(run, ignore_errors=True)
     if old_latest:
@@ -57,16 +48,7 @@ REWARD_STEPS = 20  # measured: 30 held-out pairs ranked >= 80% right at 20 steps
 def reward_run(unsloth_first):
     """The run folder of `python -m app reward tiny` at REWARD_STEPS (in-process), shared by the tests that
     score with a reward model (the reward method's own test, online RL, AI-feedback pairs); removed at the end."""
-    from app.cli import main
-
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            code = main(["reward", "tiny", "--set", f"reward.max_steps={REWARD_STEPS}"])
-    finally:
-        print(out.getvalue(), end="")
-    assert code == 0
-    run = Path(re.search(r"^run folder: (.+)$", out.getvalue(), re.M)[1])
+    (run,) = run_in_process(["reward", "tiny", "--set", f"reward.max_steps={REWARD_STEPS}"])
     yield run
     shutil.rmtree(run, ignore_errors=True)
 
@@ -89,6 +71,25 @@ def new_runs():
     if old_latest:
         latest.unlink(missing_ok=True)
         latest.symlink_to(old_latest)
+
+
+def run_in_process(argv: list[str]) -> list[Path]:
+    """`python -m app ARGV` in this process (exit 0 asserted); the run folders it made, in order."""
+    from app.cli import main
+
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = main(argv)
+    finally:
+        print(out.getvalue(), end="")
+    assert code == 0
+    return run_folders(out.getvalue())
+
+
+def run_folders(out: str) -> list[Path]:
+    """The runs a command made, from its "run folder:" lines (another process may be training too)."""
+    return [Path(p) for p in re.findall(r"^run folder: (\S+)", out, re.M)]
 
 
 def read_jsonl(path: Path) -> list[dict]:

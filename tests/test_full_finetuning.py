@@ -3,15 +3,13 @@ and llama.cpp's GGUF still behaves like the trained model. DPO's reference is TR
 pass of the starting weights before training (auto, true) or a frozen copy (false), with the same losses."""
 import json
 import logging
-import re
-from pathlib import Path
 
 import pytest
 
 from app import AppError
 from app.cli import main
 from app.recipe import load_recipe
-from tests.conftest import read_jsonl
+from tests.conftest import read_jsonl, run_folders
 
 FULL = ["--set", "model.full_finetuning=true", "--set", "export.gguf=[f16]"]
 
@@ -37,7 +35,7 @@ def test_full_finetuning_dpo_changes_every_decoder_weight_exports_and_passes_smo
     assert main(["dpo", "tiny", *FULL]) == 0
     new_runs("tiny-dpo-")  # removed afterwards
     out = capsys.readouterr().out
-    run = run_folder(out)
+    (run,) = run_folders(out)
     assert "full fine-tuning: nothing to merge" in out and not (run / "adapter").exists()
     evals = [r["eval_loss"] for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r]
     assert evals[-1] < evals[0] - 0.1, evals  # measured 0.693 -> 0.08
@@ -71,12 +69,8 @@ def test_trl_s_frozen_copy_and_its_precomputed_pass_give_the_same_losses(new_run
         assert main(["dpo", "tiny", *FULL, "--set", "dpo.max_steps=20", "--set",
                      f"dpo.precompute_ref_log_probs={setting}"]) == 0
         new_runs("tiny-dpo-")
-        run = run_folder(capsys.readouterr().out)
+        (run,) = run_folders(capsys.readouterr().out)
         curves.append([r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r])
         assert json.loads((run / "train.json").read_text())["reference"]["precomputed"] is (setting == "true")
     assert len(curves[0]) == 4 and curves[0] == pytest.approx(curves[1], abs=1e-4), curves
 
-
-def run_folder(out: str) -> Path:
-    """The run a command made, from its "run folder:" line (another process may be training too)."""
-    return Path(re.search(r"^run folder: (.+)$", out, re.M)[1])

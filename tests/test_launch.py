@@ -2,12 +2,10 @@
 this CPU. Two processes at batch B train as one process at batch 2B; a rank that dies is named; the run
 resumes."""
 import json
-import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +13,7 @@ from app import ROOT
 from app.cli import main
 from app.launch import ERROR_FILE, failure_sentence
 from app.runs import EXPORTS
-from tests.conftest import TINY_STEPS, read_jsonl
+from tests.conftest import TINY_STEPS, read_jsonl, run_folders
 
 # The same computation up to the order of float sums (two per-rank means averaged, gradients all-reduced,
 # the LoRA weights in bfloat16): measured at most 2e-5 apart over the recipe's 60 steps, while the loss moves
@@ -24,16 +22,12 @@ from tests.conftest import TINY_STEPS, read_jsonl
 LOSS_TOLERANCE = 2e-3
 
 
-def run_folder(out: str) -> Path:
-    return Path(re.search(r"^run folder: (\S+)", out, re.M)[1])
-
-
 @pytest.mark.slow
 def test_two_processes_at_batch_4_train_as_one_process_at_batch_8(tiny_run, new_runs, capsys):
     assert main(["dpo", "tiny", "--processes", "2", "--set", "dpo.per_device_train_batch_size=4",
                  "--set", f"dpo.max_steps={TINY_STEPS}", "--set", "export.gguf=[f16]"]) == 0
     new_runs("tiny-dpo-")
-    run = run_folder(capsys.readouterr().out)
+    (run,) = run_folders(capsys.readouterr().out)
     two = [(r["step"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     one = [(r["step"], r["loss"]) for r in read_jsonl(tiny_run / "metrics.jsonl") if "loss" in r]
     assert [s for s, _ in two] == [s for s, _ in one] == list(range(5, TINY_STEPS + 1, 5))  # rank 0 alone logs

@@ -7,12 +7,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main
-from tests.conftest import read_jsonl
-
-
-def run_folders(out: str) -> list[Path]:
-    """The runs a command made, from its "run folder:" lines (another process may be training too)."""
-    return [Path(p) for p in re.findall(r"^run folder: (.+)$", out, re.M)]
+from tests.conftest import read_jsonl, run_folders
 
 
 def rising(run: Path) -> dict:
