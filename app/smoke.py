@@ -150,6 +150,7 @@ def measure_gguf(llm, tokenizer, reference, pairs=(), merged_scores=(), beta=Non
             step = theirs[len(ref["prompt_ids"]) + lead - 1]
             probe["gap_at_divergence"] = float(step[ref["reply_ids"][lead]] - step[greedy[lead]]) if lead < len(greedy) else None
             probe["noise_at_divergence"] = float(noise[len(ref["prompt_ids"]) + lead - 1])
+            probe["error_at_divergence"] = float(np.abs(ours - theirs)[len(ref["prompt_ids"]) + lead - 1].max())
         if ref["ends_with_eos"]:
             chat = llm.create_chat_completion(messages=ref["messages"], temperature=0.0, top_k=1,
                                               max_tokens=MAX_NEW_TOKENS + 8, seed=0)
@@ -187,8 +188,9 @@ def smoke_verdict(kind: str, m: dict) -> list[str]:
     top-2 gap is within twice the measured logit error (a near-tie either side of rounding may swap); the
     chat must stop at EOS; held-out pairs must be ranked as the merged model ranks them, ties aside.
     Quantized types: top-1 agreement (their type's threshold) and greedy replies are judged where the
-    reference's top-2 gap exceeds what the file's own error spread at that position can swap (NOISE_SIGMAS):
-    a near-flat distribution (a random model, a hesitant token) is no evidence against the file."""
+    reference's top-2 gap exceeds what the file's own error at that position can swap (NOISE_SIGMAS of its
+    spread, or twice its largest there): a near-flat distribution (a random model, a hesitant token) is no
+    evidence against the file."""
     max_abs_limit, top1_limit = logit_limits(kind, m["logit_scale"])
     exact = kind in EXACT
     meta, problems = m["metadata"], []
@@ -213,7 +215,11 @@ def smoke_verdict(kind: str, m: dict) -> list[str]:
                             f"top-2 gap exceeds the file's error spread")
         for p in m["probes"]:
             if p["matching_lead"] < p["hf_reply_tokens"]:
-                gap, tie = p.get("gap_at_divergence"), (2 * m["max_abs_logit_diff"] if exact else p.get("noise_at_divergence"))
+                # a tie: two logits each off by the error measured (exact: anywhere; quantized: at that
+                # position, its largest or its spread); measured: q8_0 swapped a 0.0625 gap with 0.053 there
+                gap = p.get("gap_at_divergence")
+                tie = (2 * m["max_abs_logit_diff"] if exact else
+                       max(p.get("noise_at_divergence") or 0.0, 2 * p.get("error_at_divergence", 0.0)))
                 if gap is None or gap > tie:
                     problems.append(f"greedy reply diverges from HF at token {p['matching_lead']} "
                                     f"without a tie (logit gap {gap})")

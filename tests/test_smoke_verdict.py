@@ -53,4 +53,11 @@ def test_quantized_files_are_judged_where_the_reference_is_clear_of_their_noise(
     clear = [{"prompt_tokens": 12, "hf_reply_tokens": 48, "matching_lead": 2, "gap_at_divergence": 3.0,
               "noise_at_divergence": 0.3}]
     assert any("without a tie" in p for p in smoke_verdict("q8_0", measures(probes=clear)))
+    # measured (make grpo, tiny): q8_0 swapped two tokens 0.0625 apart, where its largest logit error was 0.053
+    # (two logits each off by that can swap up to 0.106) though its spread gave 0.061: a tie, not a broken file
+    swapped = [{"prompt_tokens": 12, "hf_reply_tokens": 48, "matching_lead": 32, "gap_at_divergence": 0.0625,
+                "noise_at_divergence": 0.0607, "error_at_divergence": 0.0530}]
+    assert smoke_verdict("q8_0", measures(probes=swapped)) == []
+    clear[0]["error_at_divergence"] = 0.2  # the same file's error cannot swap a gap of 3.0
+    assert any("without a tie" in p for p in smoke_verdict("q8_0", measures(probes=clear)))
     assert any("max logit difference" in p for p in smoke_verdict("q8_0", measures(max_abs_logit_diff=5.0)))
