@@ -38,7 +38,7 @@ def test_full_finetuning_dpo_changes_every_decoder_weight_exports_and_passes_smo
     (run,) = run_folders(out)
     assert "full fine-tuning: nothing to merge" in out and not (run / "adapter").exists()
     evals = [r["eval_loss"] for r in read_jsonl(run / "metrics.jsonl") if "eval_loss" in r]
-    assert evals[-1] < evals[0] - 0.1, evals  # measured 0.693 -> 0.08
+    assert evals[-1] < evals[0] - 0.1, evals  # measured 0.693 -> 0.0003 (log-prob accuracy 33% -> 100%)
     train = json.loads((run / "train.json").read_text())
     assert train["reference"]["precomputed"] and train["preference"]["trained"]["reward_accuracy"] >= 0.9
 
