@@ -16,8 +16,9 @@ from app import AppError
 
 def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = None, processes: int = 1,
                  log=print) -> Path:
-    """`train RECIPE` runs the recipe's stages; `sft|dpo|orpo|kto|reward RECIPE` runs that method (or the
-    recipe's stages when they end with it: `dpo tiny-sft-dpo` runs sft, then dpo from its merged weights).
+    """`train RECIPE` runs the recipe's stages; `sft|dpo|orpo|kto|reward|grpo|rloo RECIPE` runs that method (or
+    the recipe's stages when they end with it: `dpo tiny-sft-dpo` runs sft, then dpo from its merged weights;
+    grpo or rloo with no reward named trains a reward model first).
     `processes` > 1 trains each stage under accelerate launch (app/launch.py). Returns the last stage's
     run folder."""
     from app.memory import with_training_changes
