@@ -21,7 +21,8 @@ import io
 import json
 from pathlib import Path
 
-from app import ROOT, AppError
+from app import ROOT, AppError, repo_path
+from app.recipe import ONLINE
 
 FIELDS = ("prompt", "chosen", "rejected")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -53,7 +54,7 @@ def load_training_data(data: dict, method: str) -> PreferenceData:
             return load_completion_data(data, read, method)
     prefs = load_preference_data(data, read)
     prefs.pairs = prefs.eval
-    if method in ("grpo", "rloo"):  # prompts to sample replies to; the held-out pairs still score before and after
+    if method in ONLINE:  # prompts to sample replies to; the held-out pairs still score before and after
         import datasets
         if data.get("prompts"):
             prompts = read_prompt_list(data["prompts"])
@@ -275,7 +276,7 @@ def detect_format(row) -> str:
 def read_rows(source: str, split: str = "train", config: str | None = None) -> list[tuple[str, dict]]:
     """[(where, row)] with `where` naming the line or row for error messages. A folder is loaded by
     `datasets` exactly like a hub id (a saved or downloaded dataset)."""
-    path = Path(source) if Path(source).is_absolute() else ROOT / source
+    path = repo_path(source)
     if path.is_dir():
         return read_hub_rows(str(path), split, config)
     if path.suffix in LOCAL_SUFFIXES or path.exists() or source.startswith((".", "/")):

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app import ROOT, AppError
+from app import ROOT, AppError, repo_path
 
 ERROR_FILE = "rank-{rank}.error"
 LAUNCH_LOG = "launch.log"
@@ -29,7 +29,7 @@ def launch_command(run: Path, processes: int, config: str | None, checkpoint: Pa
     with socket.socket() as s:  # a free port for the ranks to meet on (two launches at once do not collide)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    how = ["--config_file", str(config)] if config else ["--multi_gpu"]  # --multi_gpu: DDP, gloo without CUDA
+    how = ["--config_file", str(repo_path(config))] if config else ["--multi_gpu"]  # --multi_gpu: DDP, gloo without CUDA
     return [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", str(processes),
             "--num_machines", "1", "--main_process_port", str(port), "-m", "app", "train-worker", str(run),
             *(["--checkpoint", str(checkpoint)] if checkpoint else [])]

@@ -10,7 +10,7 @@ import os
 import socket
 from pathlib import Path
 
-from app import ROOT, AppError
+from app import ROOT, AppError, repo_path
 
 logger = logging.getLogger(__name__)
 
@@ -261,8 +261,7 @@ def load_rewards(recipe) -> tuple[list, list]:
         funcs.append(scorer.merge_and_unload())
         tokenizers.append(tokenizer)
     if recipe.rewards.get("functions"):
-        path = Path(recipe.rewards["functions"])
-        found = load_reward_functions(path if path.is_file() else ROOT / path)  # as given, or in the repository
+        found = load_reward_functions(repo_path(recipe.rewards["functions"]))
         funcs += found
         tokenizers += [None] * len(found)
     return funcs, tokenizers

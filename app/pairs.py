@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from app import ROOT, AppError
+from app import AppError, repo_path
 from app.data import prompt_key, read_prompt_list
 
 MODES = ("reward", "constitution")
@@ -133,7 +133,7 @@ def row_prompt(messages: list[dict]):
 def read_constitution(path: str) -> list[dict]:
     """[{name, critique_request, revision_request}] from a YAML file: a list of principles, or a mapping
     with `principles:` holding one. AppError naming the file and principle when one is incomplete."""
-    file = Path(path) if Path(path).is_absolute() else ROOT / path
+    file = repo_path(path)
     if not file.is_file():
         raise AppError(f"constitution file {path} does not exist")
     try:
@@ -161,7 +161,7 @@ def read_constitution(path: str) -> list[dict]:
 
 def file_digest(path: str) -> str:
     """`path#sha256-prefix`: a constitution edited between a stop and a rerun is another setting."""
-    file = Path(path) if Path(path).is_absolute() else ROOT / path
+    file = repo_path(path)
     return f"{path}#{hashlib.sha256(file.read_bytes()).hexdigest()[:12]}"
 
 

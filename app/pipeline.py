@@ -136,9 +136,6 @@ def start_run(method: str, recipe, run=None, checkpoint=None, log=print) -> Path
         run = create_run(f"{recipe.name}-{method}")
         log(f"run folder: {run}")
     save_recipe(recipe, run / "recipe.yaml")
-    # report_to: tensorboard writes into the run: transformers 5 has no logging_dir, and its callback, first
-    # called by the step-0 evaluation before training begins, would write to ./runs/ in the current directory
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")
     return run
 
 
@@ -156,7 +153,6 @@ def train_worker(run: Path, checkpoint: Path | None = None):
         recipe = load_recipe(str(run / "recipe.yaml"))
         method = recipe.stages[0]
         data, _, model, tokenizer = load_stage(method, recipe, log=print if rank == 0 else (lambda *a: None))
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")
         summary = train(method, model, tokenizer, data, recipe, run, resume_from=checkpoint)
         if summary is not None:  # rank 0
             write_json(run / "train.json", summary)

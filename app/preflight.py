@@ -40,7 +40,7 @@ import shutil
 import time
 from pathlib import Path
 
-from app import ROOT, AppError
+from app import ROOT, AppError, repo_path
 from app import llamacpp
 from app.memory import (GiB, architecture, estimate_training_memory, fit_to_memory, model_folder, parse_params,
                         reference_choices, train_setting, training_section, with_training_changes)
@@ -227,7 +227,7 @@ def check_data(recipe) -> tuple[str, int | None]:
     from app import data as appdata
 
     source = str(recipe.data["source"])
-    path = Path(source) if Path(source).is_absolute() else ROOT / source
+    path = repo_path(source)
     local = path.exists() or path.suffix in appdata.LOCAL_SUFFIXES or source.startswith((".", "/"))
     if not local:
         cached = (_hub_cache() / f"datasets--{source.replace('/', '--')}").is_dir()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from app import ROOT, AppError
+from app import ROOT, AppError, repo_path
 
 RECIPES = ROOT / "recipes"
 logger = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ def _check_values(r: Recipe):
                                f"{' (or -1: train for num_train_epochs)' if key == 'max_steps' else ''}, got {value!r}")
     check_stages(r, r.stages)
     for key, path in (("rewards.functions", r.rewards["functions"]), ("launch.config", r.launch["config"])):
-        if path and not (Path(path).is_file() or (ROOT / path).is_file()):
+        if path and not repo_path(path).is_file():
             raise AppError(f"{where} {key}: {path} does not exist")
     from app.gguf import GGUF_TYPES
     for t in r.export["gguf"]:

@@ -72,6 +72,9 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     With `resume_from` (a checkpoint of this run), Trainer restores adapter, optimizer, scheduler and RNG
     states and goes on from its step; metrics logged after that step are dropped first (they are redone)."""
     log = MetricsLog(run / "metrics.jsonl", method)
+    # report_to: tensorboard writes into the run: transformers 5 has no logging_dir, and its callback, first
+    # called by the step-0 evaluation, would write to ./runs/ in the current directory
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")
     trainer = make_trainer(method, model, tokenizer, data, recipe, run, [log])
     # under accelerate launch (app/launch.py) every rank trains; rank 0 alone measures and writes
     main, full = trainer.is_world_process_zero(), bool(recipe.model.get("full_finetuning"))
@@ -141,8 +144,9 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     if not full and trainer.args.world_size == 1:  # a fully fine-tuned model is saved by the export, in 16 bits
         model.save_pretrained(str(run / "adapter"))
         tokenizer.save_pretrained(str(run / "adapter"))
+    records = log.records()
     return {
-        "alarms": run_alarms(method, log.records(), result.global_step, args, data, tokenizer, before, after),
+        "alarms": run_alarms(method, records, result.global_step, args, data, tokenizer, before, after),
         "method": method, "steps": result.global_step, "reference": reference,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
         "train_loss": result.training_loss, "eval": {k: v for k, v in final_eval.items() if k.startswith("eval_")},
@@ -150,7 +154,7 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
         "data": {"source": data.source, "format": data.format, "rows": data.rows, "dropped": data.dropped,
                  "train": len(data.train), "eval": 0 if data.eval is None else len(data.eval)},
         "replies": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(probes, before, after)],
-        "reward_trend": reward_trend(log.records()) if method in ONLINE else None,
+        "reward_trend": reward_trend(records) if method in ONLINE else None,
     }
 
 
