@@ -2,14 +2,15 @@
 
 The merge is made from the trained model itself, one tensor at a time: each LoRA layer's base weight is
 dequantized as training saw it (bitsandbytes through PEFT's `dequantize_module_weight`; a 16-bit base as
-it is), PEFT's `get_delta_weight` is added in float32, and the sum is rounded once to the base's own
-16-bit dtype and written shard by shard. Unsloth's `save_pretrained_merged` is not used: on a 4-bit model
+it is), PEFT's `get_delta_weight` of the adapter in float32 is added in float32, and the sum is rounded
+once to the base's own 16-bit dtype and written shard by shard. Unsloth's `save_pretrained_merged` is not used: on a 4-bit model
 it downloads the original 16-bit weights and merges onto those, which is not the model that was trained
 (and needs the network), and its CPU backend refuses 4-bit bases. Host memory stays at about one shard.
 The merged file is then checked, weight by weight, against an exact float32 merge. Conversion is
 llama.cpp's own convert_hf_to_gguf.py of the runtime's release (see llamacpp.py); quantization is
 llama.cpp's, through llama-cpp-python's `llama_model_quantize`.
 """
+import contextlib
 import json
 import logging
 import shutil
@@ -32,7 +33,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 SHARD_BYTES = 2**28  # merged safetensors shards of 256 MiB: what the merge holds in host memory at once
 ROWS_BYTES = 2**24   # the check compares a tensor 16 MiB (of float32) at a time
 # a merged weight may differ from the exact float32 merge by at most this many units in the last place of
-# its 16-bit dtype (see weight_error): rounding gives at most 0.5; a lost or mis-scaled adapter its own size
+# its 16-bit dtype (see weight_error): rounding once gives at most 0.5; a lost or mis-scaled adapter its own size
 MERGE_ULPS = 1.0
 
 
@@ -116,6 +117,34 @@ def merged_dtype(base_source: str):
     return torch.float16 if (config.get("dtype") or config.get("torch_dtype")) == "float16" else torch.bfloat16
 
 
+@contextlib.contextmanager
+def float32_adapters(model):
+    """The LoRA weights in float32, and float32 matrix products at full precision (no TF32), for the merge
+    and its check; back as they were afterwards (a 16-bit value is a float32 value: both casts are exact).
+
+    PEFT's `get_delta_weight` multiplies B @ A in the adapter's own dtype, and TRL trains a 4-bit model's
+    adapter in bfloat16 (QLoRA's recipe). A bfloat16 matrix product is not rounded once: its partial sums
+    are, and where they cancel the delta misses by several of its own ulps (measured: 8 ulp on SmolLM2's
+    layers.27.mlp.up_proj, inside the training process only; a new process loads the adapter in float32).
+    In float32 the delta is exact to far below the merged weight's 16-bit rounding, which is then the only
+    rounding left."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    adapters = [m for layer in plain_model(model).modules() if isinstance(layer, LoraLayer)
+                for part in (layer.lora_A, layer.lora_B) for m in part.values()]
+    dtypes, precision = [m.weight.dtype for m in adapters], torch.get_float32_matmul_precision()
+    for m in adapters:
+        m.float()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield model
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        for m, dtype in zip(adapters, dtypes):
+            m.to(dtype)
+
+
 def plain_model(model):
     """The transformers model inside a PEFT model; a fully fine-tuned model is one already."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -167,12 +196,13 @@ def merge_adapter(model, tokenizer, out: Path, base_source: str, dtype):
     tmp.mkdir(parents=True)
     try:
         shards, shard, size = [], {}, 0
-        for name, base, delta in trained_tensors(model):
-            shard[name] = (base if delta is None else base.float() + delta).to(dtype).cpu().contiguous()
-            size += shard[name].nbytes
-            if size >= SHARD_BYTES:
-                shards.append(_write_shard(tmp, len(shards), shard, save_file))
-                shard, size = {}, 0
+        with float32_adapters(model):
+            for name, base, delta in trained_tensors(model):
+                shard[name] = (base if delta is None else base.float() + delta).to(dtype).cpu().contiguous()
+                size += shard[name].nbytes
+                if size >= SHARD_BYTES:
+                    shards.append(_write_shard(tmp, len(shards), shard, save_file))
+                    shard, size = {}, 0
         if shard or not shards:
             shards.append(_write_shard(tmp, len(shards), shard, save_file))
         _name_shards(tmp, shards)
@@ -257,13 +287,14 @@ def check_merged_weights(model, merged: Path) -> dict:
     files = sorted(merged.glob("*.safetensors"))
     where = {name: f for f in files for name in safe_open(str(f), "pt").keys()}
     stats, seen = [], set()
-    for name, base, delta in trained_tensors(model, exact=True):
-        if name not in where:
-            stats.append({"name": name, "missing": True})
-            continue
-        with safe_open(str(where[name]), "pt") as f:
-            stats.append(weight_error(name, f.get_slice(name), base, delta))
-        seen.add(name)
+    with float32_adapters(model):
+        for name, base, delta in trained_tensors(model, exact=True):
+            if name not in where:
+                stats.append({"name": name, "missing": True})
+                continue
+            with safe_open(str(where[name]), "pt") as f:
+                stats.append(weight_error(name, f.get_slice(name), base, delta))
+            seen.add(name)
     stats += [{"name": n, "unexpected": True} for n in where if n not in seen]
     for s in sorted((s for s in stats if "max_ulps" in s), key=lambda s: -s["max_ulps"])[:5]:
         logger.info(f"merge check: {s['name']}: {s['max_ulps']:.3f} ulp, {s['changed']:,} of {s['numel']:,} changed")
@@ -275,10 +306,9 @@ def check_merged_weights(model, merged: Path) -> dict:
 
 def weight_error(name: str, saved, base, delta) -> dict:
     """How far a saved 16-bit tensor is from the exact float32 merge base + delta, in units of its dtype's
-    spacing (ulp) at the merged value plus the spacing at the delta: PEFT rounds the delta to the adapter's
-    dtype before it is added, and where base and delta nearly cancel that rounding is all that is left.
-    Also how many of the tensor's 16-bit values the adapter changed at all. `saved` is a tensor or a
-    safetensors slice, read ROWS_BYTES at a time, so a 128k-token embedding is never held twice."""
+    spacing (ulp) at the merged value: the merge rounds once, so at most 0.5 (float32_adapters). Also how
+    many of the tensor's 16-bit values the adapter changed at all. `saved` is a tensor or a safetensors
+    slice, read ROWS_BYTES at a time, so a 128k-token embedding is never held twice."""
     import torch
 
     def spacing(x, dtype):  # of the 16-bit numbers at |x|
@@ -295,8 +325,7 @@ def weight_error(name: str, saved, base, delta) -> dict:
         rows = slice(start, start + step)
         got = saved[rows].to(base.device)
         exact = base[rows].float() if delta is None else base[rows].float() + delta[rows]
-        allowed = spacing(exact, got.dtype) + (0 if delta is None else spacing(delta[rows], got.dtype))
-        error = max(error, ((got.float() - exact).abs() / allowed).max().item())
+        error = max(error, ((got.float() - exact).abs() / spacing(exact, got.dtype)).max().item())
         if delta is not None:
             changed += int((exact.to(got.dtype) != base[rows].to(got.dtype)).sum())
     return {"name": name, "max_ulps": error, "numel": base.numel(), "changed": changed, "shape_ok": True,

@@ -66,6 +66,28 @@ def test_a_4bit_merge_is_the_trained_model_and_a_mis_scaled_one_fails(trained, t
             p.data = data
 
 
+def test_a_bfloat16_adapter_whose_terms_cancel_merges_within_rounding(trained, tiny_run, tmp_path):
+    """TRL trains a 4-bit model's adapter in bfloat16; in the training process PEFT's get_delta_weight then
+    multiplies B @ A in bfloat16, whose partial sums are rounded (8 ulp measured on SmolLM2). Here one layer's
+    adapter is made of terms that cancel to 1/128 of their size: the merge must still be within rounding."""
+    model, tokenizer = trained
+    layer = model.get_base_model().model.layers[0].mlp.down_proj
+    a, b = layer.lora_A["default"], layer.lora_B["default"]
+    saved = [p.data.clone() for p in (a.weight, b.weight)]
+    try:
+        half = a.weight.shape[0] // 2
+        g = torch.Generator().manual_seed(0)
+        a_half, b_half = torch.randn(half, a.weight.shape[1], generator=g), torch.randn(b.weight.shape[0], half, generator=g)
+        a.weight.data = torch.cat([a_half, a_half]).bfloat16() * 0.05
+        b.weight.data = torch.cat([b_half, -b_half * (1 + 2 ** -7)], dim=1).bfloat16() * 0.01
+        merge_adapter(model, tokenizer, tmp_path / "merged", str(tiny_run / "merged"), torch.bfloat16)
+        verdict = check_merged_weights(model, tmp_path / "merged")
+        assert verdict["passed"] and verdict["max_ulps"] <= 0.75, verdict
+        assert a.weight.dtype == b.weight.dtype == torch.bfloat16  # the live adapter is left as it was
+    finally:
+        a.weight.data, b.weight.data = saved
+
+
 def test_rounding_passes_at_any_step_count_and_a_2x_adapter_fails():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(256, 256, generator=g) * 0.02
