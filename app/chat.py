@@ -44,9 +44,7 @@ def chat(gguf: Path, system: str | None = None, max_tokens: int = 256, temperatu
         raise AppError(f"--max-tokens {max_tokens} must be positive and leave room for the prompt in the "
                        f"context of {n_ctx} tokens (--ctx)")
     system = recipe_system(gguf) if system is None else system or None
-    # n_gpu_layers=-1: every layer on the GPU when llama.cpp was built with one (make setup GPU=1); a no-op
-    # on a CPU build
-    llm = open_gguf(gguf, n_ctx=n_ctx, n_gpu_layers=-1, verbose=False, seed=seed)
+    llm = open_gguf(gguf, n_ctx=n_ctx, verbose=False, seed=seed)
     count = prompt_counter(llm)
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     interactive = sys.stdin.isatty()

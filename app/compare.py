@@ -48,7 +48,7 @@ def compare_run(run: Path, prompts_file: Path | None = None, max_tokens: int = 1
 
 def gguf_replies(gguf: Path, prompts, system: str | None, max_tokens: int) -> list[str]:
     """Greedy one-turn replies through llama.cpp's chat completion with the GGUF's own template."""
-    llm = open_gguf(gguf, n_ctx=N_CTX, n_gpu_layers=-1, verbose=False, seed=0)
+    llm = open_gguf(gguf, n_ctx=N_CTX, verbose=False, seed=0)
     try:
         count = prompt_counter(llm)
         replies = []

@@ -201,7 +201,7 @@ class GGUFWriter:
         # they wait on each other: 90 replies of tiny took 22-41 s that way against 1.8 s with one thread each
         # (2 cores, another process using both); OMP_NUM_THREADS, when set, is honoured
         threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 2) // 2)
-        self.llm = open_gguf(path, n_ctx=N_CTX, n_gpu_layers=-1, verbose=False, seed=0, n_threads=threads,
+        self.llm = open_gguf(path, n_ctx=N_CTX, verbose=False, seed=0, n_threads=threads,
                              n_threads_batch=threads)
         self.count = prompt_counter(self.llm)
 

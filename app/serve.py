@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app import AppError
 from app.chat import run_of
-from app.gguf import check_gguf_file, gguf_load_error
+from app.gguf import check_gguf_file, gguf_load_error, gpu_layers
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +65,16 @@ def server_app(gguf: Path, host: str, port: int, n_ctx: int, api_key: str | None
     os.environ.pop("CONFIG_FILE", None)  # create_app would take every setting from that file instead of ours
     # interrupt_requests=False: by default a waiting request ends the stream under way early (its client
     # gets a reply cut short without an error); here they queue. chat_format=None: the GGUF's own template.
-    # n_gpu_layers=-1: every layer on the GPU when llama.cpp was built with one; a no-op on a CPU build.
+    # n_gpu_layers: what fits the GPU (app/gguf.py gpu_layers; 0 on a CPU build of llama.cpp).
+    layers, why = gpu_layers(gguf)
+    logger.info(f"{gguf.name}: {why}")
     try:
         return create_app(server_settings=from_args(ServerSettings, host=host, port=port, interrupt_requests=False,
                                                     api_key=api_key or None),
                           model_settings=[from_args(ModelSettings, model=str(gguf), model_alias=model_name(gguf),
-                                                    chat_format=None, n_ctx=n_ctx, n_gpu_layers=-1, verbose=False)])
+                                                    chat_format=None, n_ctx=n_ctx, n_gpu_layers=layers, verbose=False)])
     except ValueError as e:  # a file cut short inside: llama.cpp reads it only now
-        raise gguf_load_error(gguf, e) or e from None
+        raise gguf_load_error(gguf, e, n_ctx) or e from None
 
 
 @contextlib.contextmanager
