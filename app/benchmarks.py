@@ -140,15 +140,15 @@ def task_manager(tasks: list[str]):
 
 
 def base_model_source(recipe) -> str:
-    """The model the run started from (recipe.yaml's model.name): tiny's build folder, a local folder or a
+    """The model the run started from (recipe.yaml's model.name): a built model's folder, a local folder or a
     hub id, which must be cached when the hub cannot be reached."""
-    from app.model import local_model_folder, offline, resolve_model_source
+    from app.model import BUILT, local_model_folder, offline, resolve_model_source
 
     name = str(recipe.model["name"])
-    if name != "tiny" and local_model_folder(name) is None and offline():
+    if name not in BUILT and local_model_folder(name) is None and offline():
         raise AppError(f"the base model '{name}' is not in the local Hugging Face cache and the hub cannot be "
                        f"reached, so it cannot be evaluated beside the trained one")
-    return resolve_model_source(recipe)  # tiny: built first if its cache is gone
+    return resolve_model_source(recipe)  # a built model: built first if its cache is gone
 
 
 def hf_args(source: str) -> dict:

@@ -60,6 +60,7 @@ def card_text(kind: str, facts: dict) -> str:
     """README.md for merged/ (`kind` "merged") or gguf/ ("gguf"): the metadata header, then the text."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from app.model import BUILT
     method, recipe, train, h = facts["method"], facts["recipe"], facts["train"], facts["hyperparameters"]
     base, source = facts["base"], str(recipe["data"]["source"])
     base_id, dataset_id = hub_id(base), hub_id(source)
@@ -69,8 +70,7 @@ def card_text(kind: str, facts: dict) -> str:
         pipeline_tag="text-generation", tags=[method, "trl", "unsloth", *(["gguf"] if kind == "gguf" else [])],
         # the hub would guess "quantized" from GGUF files; both folders hold a fine-tune of the base
         base_model_relation="finetune" if base_id else None)
-    base_text = ("tiny, the demo model built locally by app/tiny.py (a small Llama with its own tokenizer; it is "
-                 "not on the hub)" if base == "tiny" else
+    base_text = (BUILT[base][1] if base in BUILT else
                  f"[{base}](https://huggingface.co/{base})" if base_id else f"a local model, `{base}`")
     base_text += f", then {', '.join(facts['earlier_runs'])} (earlier stages)" if facts["earlier_runs"] else ""
     counts = train.get("data") or {}
@@ -90,27 +90,33 @@ def card_text(kind: str, facts: dict) -> str:
              f"- method: {method}, {train.get('steps')} steps; {how}",
              f"- hyperparameters: {', '.join(settings)}",
              f"- chat template: {facts['chat_family'] or 'a layout this app does not recognise'} family", "",
-             *preference_lines(train.get("preference") or {}), *smoke_lines(facts["smoke"]),
+             *preference_lines(train.get("preference") or {}, method), *smoke_lines(facts["smoke"]),
              *eval_lines(facts["eval"]), *usage_lines(kind, facts)]
     return str(ModelCard("\n".join(lines) + "\n"))
 
 
-def preference_lines(pref: dict) -> list[str]:
+def preference_lines(pref: dict, method: str) -> list[str]:
+    from app.evaluate import preference_headline
+
     before, after = pref.get("base", {}), pref.get("trained", {})
-    return ["## Held-out preference pairs", "", f"{after['pairs']} pairs held out of training. Accuracy: the "
-            "share where the model gives the chosen reply a higher log-probability than the rejected one.", "",
-            "| model | accuracy | mean margin (nats) |", "|---|---|---|",
-            f"| base (before) | {fmt_pct(before.get('accuracy'))} | {fmt_num(before.get('margin'))} |",
-            f"| trained (after) | {fmt_pct(after.get('accuracy'))} | {fmt_num(after.get('margin'))} |", ""
-            ] if after.get("pairs") else []
+    if not after.get("pairs"):
+        return []
+    return ["## Held-out preference pairs", "", preference_headline(before, after, method, pref.get("beta")) + ".", "",
+            "Reward accuracy: the share of pairs where training moved the model towards the chosen reply (DPO's "
+            "implicit reward, against the base). Log-prob accuracy: the share where the model gives the chosen "
+            "reply a higher log-probability than the rejected one.", "",
+            "| model | reward accuracy | log-prob accuracy | mean log-prob margin (nats) |", "|---|---|---|---|",
+            f"| base (before) | - | {fmt_pct(before.get('accuracy'))} | {fmt_num(before.get('margin'))} |",
+            f"| trained (after) | {fmt_pct(after.get('reward_accuracy'))} | {fmt_pct(after.get('accuracy'))} | "
+            f"{fmt_num(after.get('margin'))} |", ""]
 
 
 def smoke_lines(smoke: dict | None) -> list[str]:
     rows = [f"| {r['file']} | {r['bytes'] / 2**20:.1f} | {fmt_pct(r.get('top1_agreement'))} | "
-            f"{fmt_pct(r.get('preference', {}).get('accuracy'))} | "
+            f"{fmt_pct(r.get('preference', {}).get('reward_accuracy'))} | "
             f"{'pass' if r['passed'] else 'FAIL: ' + r['reason']} |" for r in (smoke or {}).get("results", [])]
     return ["## llama.cpp check", "", "Each GGUF against the merged weights in llama.cpp: prompt tokens, logits, "
-            "greedy replies, held-out pairs.", "", "| file | MiB | top-1 agreement | held-out accuracy | result |",
+            "greedy replies, held-out pairs.", "", "| file | MiB | top-1 agreement | held-out reward accuracy | result |",
             "|---|---|---|---|---|", *rows, ""] if rows else []
 
 
@@ -142,8 +148,8 @@ def usage_lines(kind: str, facts: dict) -> list[str]:
 def hub_id(name: str) -> str | None:
     """`name` when it reads as a hub id and is no file or folder here (tiny, a local path: None)."""
     from app.data import LOCAL_SUFFIXES
-    from app.model import is_path, local_folder
-    local = name == "tiny" or name.endswith(LOCAL_SUFFIXES) or is_path(name) or local_folder(name) is not None
+    from app.model import BUILT, is_path, local_folder
+    local = name in BUILT or name.endswith(LOCAL_SUFFIXES) or is_path(name) or local_folder(name) is not None
     return name if HUB_ID.fullmatch(name) and not local else None
 
 

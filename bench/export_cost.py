@@ -56,9 +56,9 @@ def step_build(args, work: Path) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from app.tiny import ensure_tiny_model
+    from app.tiny import ensure_model
 
-    tiny = ensure_tiny_model()
+    tiny = ensure_model()
     tokenizer = AutoTokenizer.from_pretrained(str(tiny))
     heads = max(1, args.hidden // 64)
     config = LlamaConfig(

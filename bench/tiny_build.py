@@ -3,7 +3,7 @@
     .venv/bin/python bench/tiny_build.py              # both builds, then a section in BENCHMARKS.md
 
 Each build is `python -m app.tiny OUT` in its own process: once with app/tiny.py's PINNED_ENV (MKL's
-reproducible mode, ATen's generic kernels, one thread), as `ensure_tiny_model` runs it, and once with the
+reproducible mode, ATen's generic kernels, one thread), as `ensure_model` runs it, and once with the
 machine's own kernels and both cores (ATEN_CPU_CAPABILITY and MKL_CBWR unset). Each prints the weights'
 digest: the pinned one is the same on every build on one machine (and measured different across CPU makers:
 AMD EPYC f792af0e5d522cf1, Intel Xeon e3e2eaaa9ad482a4); the other shows what a build on this machine's

@@ -11,9 +11,9 @@ def test_batched_scores_equal_one_sequence_at_a_time(monkeypatch):
 
     from app.data import load_preference_data
     from app.recipe import load_recipe
-    from app.tiny import ensure_tiny_model
+    from app.tiny import ensure_model
 
-    folder = ensure_tiny_model()
+    folder = ensure_model()
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     pairs, _ = held_out_pairs(load_preference_data(load_recipe("tiny").data).eval, tokenizer, 12, None)

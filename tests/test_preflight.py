@@ -10,7 +10,7 @@ from app import ROOT, AppError
 from app.memory import GiB, architecture, with_training_changes
 from app.preflight import check_gpu_memory, run_preflight
 from app.recipe import load_recipe
-from app.tiny import CHAT_TEMPLATE, ensure_tiny_model
+from app.tiny import CHAT_TEMPLATE, ensure_model
 
 TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
@@ -38,7 +38,7 @@ def assert_one_sentence(error: AppError, *words):
 
 def test_passes_on_tiny(tmp_path):
     """Twice: the first run checks the tokenizer in the child process; the second finds the result cached."""
-    ensure_tiny_model()
+    ensure_model()
     t0 = time.monotonic()
     lines = run_preflight(load_recipe("tiny"), cache=tmp_path).lines
     cold = time.monotonic() - t0
@@ -83,7 +83,7 @@ def test_too_little_disk(monkeypatch):
 
 
 def test_a_chat_template_without_eos(tmp_path):
-    tiny = ensure_tiny_model()
+    tiny = ensure_model()
     folder = tmp_path / "no-eos"
     folder.mkdir()
     for name in TOKENIZER_FILES:
@@ -111,7 +111,7 @@ def test_an_unknown_bpe_pre_tokenizer(tmp_path):
     wrapped.chat_template = CHAT_TEMPLATE
     folder = tmp_path / "bpe"
     wrapped.save_pretrained(str(folder))
-    config = json.loads((ensure_tiny_model() / "config.json").read_text())
+    config = json.loads((ensure_model() / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "vocab_size": len(wrapped), "bos_token_id": 0,
                                                     "eos_token_id": 1, "pad_token_id": None}))
     with pytest.raises(AppError) as e:
