@@ -39,6 +39,7 @@ import warnings
 from pathlib import Path
 
 from app import ROOT, AppError
+from app.progress import last_stage, read_events, stage_seconds
 from app.runs import EXPORTS
 
 SHAPE = "gpu-check"  # the dry run too: 1.5 minutes on two idle CPU cores, 4 when they are shared
@@ -48,9 +49,7 @@ GGUF = ["f16", "q4_k_m"]
 TIMEOUT_S = 1800  # the whole pipeline child; a consumer GPU takes about two minutes
 PACKAGES = ("torch", "unsloth", "unsloth_zoo", "trl", "transformers", "peft", "accelerate", "bitsandbytes",
             "datasets", "xformers", "flash_attn", "llama_cpp_python")
-# the app's output line that starts each stage -> the stage (a failure is blamed on the last one started)
-MARKS = [("ok: ", "preflight"), ("data: ", "model load"), ("run folder:", "train"),
-         ("export: merging", "merge"), ("export: GGUF", "GGUF export"), ("smoke:", "smoke"), ("done in ", "done")]
+PROGRESS = WORK / "progress.jsonl"  # the pipeline's stage events (app/progress.py): which stage ran, and how long
 
 
 def run_gpu_check(dry_run: bool = False, log=print, out: Path | None = None, timeout: float = TIMEOUT_S,
@@ -117,9 +116,12 @@ def run_gpu_check(dry_run: bool = False, log=print, out: Path | None = None, tim
     shutil.rmtree(WORK / "last-run", ignore_errors=True)
     latest = EXPORTS / "latest"
     old_latest = os.readlink(latest) if latest.is_symlink() else None
-    child = run_logged(argv, WORK / "pipeline.log", env, timeout, lambda line: log(f"  | {line}"))
+    PROGRESS.unlink(missing_ok=True)
+    child = run_logged(argv, WORK / "pipeline.log", {**env, "PREFALIGN_PROGRESS": str(PROGRESS)}, timeout,
+                       lambda line: log(f"  | {line}"))
+    events = read_events(PROGRESS)
     report["pipeline"] = {"argv": argv[1:], "rc": child["rc"], "wall_s": round(child["wall_s"], 1),
-                          "timed_out": child["timed_out"], "stages": stage_seconds(child["lines"]),
+                          "timed_out": child["timed_out"], "stages": stage_seconds(events),
                           "log": str(WORK / "pipeline.log")}
     run = next((Path(text.split(":", 1)[1].strip().split(" (")[0]) for _, text in child["lines"]
                 if text.startswith("run folder:")), None)
@@ -133,9 +135,9 @@ def run_gpu_check(dry_run: bool = False, log=print, out: Path | None = None, tim
     restore_latest(latest, old_latest, run)
     if child["timed_out"]:
         return finish(report, out, log, t0, f"the pipeline did not finish within {timeout:.0f}s "
-                                            f"(in its {last_stage(child['lines'])} stage)")
+                                            f"(in its {last_stage(events) or 'startup'} stage)")
     if child["rc"] != 0:
-        return finish(report, out, log, t0, failure_sentence(child["lines"]))
+        return finish(report, out, log, t0, failure_sentence(events, [text for _, text in child["lines"]]))
     return finish(report, out, log, t0, None)
 
 
@@ -293,23 +295,6 @@ def _kill(proc):
         os.killpg(proc.pid, 9)  # its own session: the converter, a grandchild, goes too
 
 
-def stage_seconds(lines) -> dict:
-    """{stage: seconds} from the timestamped lines: a stage runs from its first mark to the next stage's."""
-    starts = [(0.0, "startup")]
-    for t, text in lines:
-        stage = next((s for mark, s in MARKS if text.startswith(mark)), None)
-        if stage and stage not in (s for _, s in starts):
-            starts.append((t, stage))
-    end = lines[-1][0] if lines else 0.0
-    return {stage: round(nxt - t, 1) for (t, stage), (nxt, _) in zip(starts, starts[1:] + [(end, None)])
-            if stage != "done"}
-
-
-def last_stage(lines) -> str:
-    stages = list(stage_seconds(lines))
-    return stages[-1] if stages else "startup"
-
-
 ERROR_LINE = re.compile(r"^(error: |[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b|RuntimeError|AssertionError)")
 
 
@@ -332,10 +317,10 @@ CAUSES = [("bitsandbytes", ("bitsandbytes", "bnb", "4bit", "4-bit", "nf4", "Line
                         "has no attribute", "unexpected keyword", "is not installed", " pins "))]
 
 
-def failure_sentence(lines) -> str:
-    """One sentence: the stage that failed, what kind of problem it looks like, and its last error line;
-    `lines`: (seconds, text) as run_logged gives them."""
-    stage, error = last_stage(lines), last_error([text for _, text in lines])
+def failure_sentence(events: list[dict], lines: list[str]) -> str:
+    """One sentence: the stage that failed (the pipeline's progress events), what kind of problem it looks
+    like, and its last error line (the printed `lines`)."""
+    stage, error = last_stage(events) or "startup", last_error(lines)
     cause = next((name for name, words in CAUSES if any(w in error for w in words)), None)
     return f"the {stage} stage failed{f' ({cause})' if cause else ''}: {error.rstrip('.')}"
 

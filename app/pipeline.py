@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from app import AppError
+from app.progress import Progress
 
 
 def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = None, processes: int = 1,
@@ -25,7 +26,7 @@ def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = 
     from app.preflight import run_preflight
     from app.recipe import ONLINE, check_stages, load_recipe
 
-    t0 = time.time()
+    progress = Progress()
     run, checkpoint = None, None
     if resume:  # the run's own recipe (one stage), its folder, its newest complete checkpoint
         from app.runs import last_checkpoint, resolve_run
@@ -37,7 +38,8 @@ def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = 
             raise AppError(f"{run.name} has no complete checkpoint to resume from (one is written every "
                            f"save_steps steps); start a new run")
     recipe = load_recipe(str(run / "recipe.yaml") if run else recipe_arg, overrides)
-    checked = run_preflight(recipe, log=log)  # seconds of checks before any model loads
+    with progress.stage("preflight"):
+        checked = run_preflight(recipe, log=log)  # seconds of checks before any model loads
     recipe = with_training_changes(recipe, checked.changes)  # model.auto_fit's batch
     # a resumed run is one stage, its own method whichever command resumes it
     stages = recipe.stages if resume or command == "train" or recipe.stages[-1] == command else [command]
@@ -58,20 +60,24 @@ def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = 
         if len(stages) > 1:
             log(f"stage {i + 1}/{len(stages)}: {stage}")
         run = run_stage(stage, dataclasses.replace(recipe, stages=[stage]), run if checkpoint else None, checkpoint,
-                        processes, log=log)
+                        processes, log=log, progress=progress)
         policy, scorer = (policy, run) if stage == "reward" else (run, scorer)
-    log(f"done in {time.time() - t0:.0f}s: {run}\n  report: {run / 'report.md'}")
+    log(progress.line())
+    log(f"done in {time.monotonic() - progress.start:.0f}s: {run}\n  report: {run / 'report.md'}")
     if stages[-1] != "reward":
         log(f"  chat with it: make chat   (or: python -m app chat {run.name})")
     return run
 
 
-def run_stage(method: str, recipe, run=None, checkpoint=None, processes: int = 1, log=print) -> Path:
+def run_stage(method: str, recipe, run=None, checkpoint=None, processes: int = 1, log=print,
+              progress: Progress | None = None) -> Path:
     """recipe -> data -> model -> train -> export -> smoke for one method; returns the run folder. With
     `processes` > 1 the training runs under `accelerate launch` (app/launch.py), and this process exports
-    and smoke-tests what its rank 0 saved."""
+    and smoke-tests what its rank 0 saved. `progress` times the stages (app/progress.py)."""
     from app.model import import_unsloth
-    import_unsloth()  # first: it patches transformers, TRL and PEFT on import (kto's data step imports TRL)
+    progress = progress or Progress()
+    with progress.stage("load"):
+        import_unsloth()  # first: it patches transformers, TRL and PEFT on import (kto's data step imports TRL)
     from app.runs import write_json
     from app.train import train, training_summary_lines
 
@@ -81,30 +87,35 @@ def run_stage(method: str, recipe, run=None, checkpoint=None, processes: int = 1
         from app.model import check_model_environment
         check_model_environment(recipe)  # said once, here, rather than by every rank
         run = start_run(method, recipe, run, checkpoint, log)
-        launch_training(run, processes, recipe.launch["config"], checkpoint, log)
+        with progress.stage("training"):
+            launch_training(run, processes, recipe.launch["config"], checkpoint, log)
         summary = json.loads((run / "train.json").read_text())
     else:
-        data, source, model, tokenizer = load_stage(method, recipe, log)
+        with progress.stage("load"):
+            data, source, model, tokenizer = load_stage(method, recipe, log)
         run = start_run(method, recipe, run, checkpoint, log)
-        summary = train(method, model, tokenizer, data, recipe, run, resume_from=checkpoint)
+        summary = train(method, model, tokenizer, data, recipe, run, resume_from=checkpoint, progress=progress)
         write_json(run / "train.json", summary)
     for line in training_summary_lines(summary):
         log(line)
     if method == "reward":  # a scorer, not a chat model: nothing to merge into a GGUF
         from app.report import write_report
         from app.runs import write_manifest
-        for line in write_report(run):
-            log(line)
-        write_manifest(run)
+        with progress.stage("report"):
+            for line in write_report(run):
+                log(line)
+            write_timings(run, progress)
+            write_manifest(run)
         return run
     if model is None:  # trained in other processes: rank 0 saved the adapter (or the weights)
-        export_run_folder(run, log=log)
+        export_run_folder(run, log=log, progress=progress)
         return run
 
     from app.export import export_run
-    export_run(run, recipe, model, tokenizer, source, log=log)
+    with progress.stage("export"):
+        export_run(run, recipe, model, tokenizer, source, log=log)
     del model  # the smoke test loads the merged weights; the training model's memory goes back first
-    check_run(run, recipe, log=log)
+    check_run(run, recipe, log=log, progress=progress)
     return run
 
 
@@ -161,7 +172,7 @@ def train_worker(run: Path, checkpoint: Path | None = None):
         raise
 
 
-def export_run_folder(run: Path, log=print):
+def export_run_folder(run: Path, log=print, progress: Progress | None = None):
     """`export RUN`: the run's base and adapter reloaded through Unsloth, then export and smoke."""
     import yaml
 
@@ -182,15 +193,17 @@ def export_run_folder(run: Path, log=print):
     if recipe.stages == ["reward"]:
         raise AppError(f"{run.name} is a reward model: a scorer, not a chat model, so it has no GGUF export "
                        f"(use it with: python -m app score {run.name} --prompt ... --response ...)")
-    model, tokenizer = load_trained_model(recipe, trained)
-    export_run(run, recipe, model, tokenizer, resolve_model_source(recipe), log=log)
+    progress = progress or Progress()
+    with progress.stage("export"):
+        model, tokenizer = load_trained_model(recipe, trained)
+        export_run(run, recipe, model, tokenizer, resolve_model_source(recipe), log=log)
     del model
-    check_run(run, recipe, log=log)
+    check_run(run, recipe, log=log, progress=progress)
 
 
-def check_run(run: Path, recipe, log=print):
-    """llama.cpp against the merged model, then the report, the model cards and the manifest (written last,
-    naming them all); `latest` moves only when every GGUF passes."""
+def check_run(run: Path, recipe, log=print, progress: Progress | None = None):
+    """llama.cpp against the merged model, then the report, the model cards, timings.json and the manifest
+    (written last, naming them all); `latest` moves only when every GGUF passes."""
     import gc
 
     import torch
@@ -199,19 +212,29 @@ def check_run(run: Path, recipe, log=print):
     from app.runs import mark_latest, write_manifest
     from app.smoke import smoke_run
 
+    progress = progress or Progress()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     log("smoke: llama.cpp against the merged model")
-    results = smoke_run(run, recipe.export["probes"], log=log)
+    with progress.stage("smoke"):
+        results = smoke_run(run, recipe.export["probes"], log=log)
     summary = []
-    if (run / "train.json").is_file():
-        summary = write_report(run)
-        write_model_card(run)  # before the manifest, which names the cards too
-    write_manifest(run)
+    with progress.stage("report"):
+        if (run / "train.json").is_file():
+            summary = write_report(run)
+            write_model_card(run)  # before the manifest, which names the cards too
+        write_timings(run, progress)
+        write_manifest(run)
     for line in summary:
         log(line)
     failed = [r for r in results if not r["passed"]]
     if failed:
         raise AppError("smoke test failed: " + "; ".join(f"{r['file']}: {r['reason']}" for r in failed))
     mark_latest(run)
+
+
+def write_timings(run: Path, progress: Progress):
+    """timings.json: the wall seconds of each stage this command ran (a re-export has only its own)."""
+    from app.runs import write_json
+    write_json(run / "timings.json", progress.seconds)

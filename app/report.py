@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from app.benchmarks import headline, stderr_key
+from app.evaluate import preference_headline
 from app.gguf import gguf_type
 from app.runs import EXPORTS, write_text
 
@@ -73,18 +74,14 @@ def write_report(run: Path) -> list[str]:
     plot_curves(logs, run / "plots")
     plot_heldout_accuracy(s, run / "plots" / "heldout_accuracy.png")
 
-    data = train.get("data", {})
+    data, pref = train.get("data", {}), train.get("preference", {})
     lines = [f"# {run.name}", "",
              f"- model: {s['model']} (recipe {s['recipe']}, method {train.get('method', 'dpo')})",
              f"- data: {s['data']}" + (f" ({data['format']}): {data['train']} pairs trained, {data['eval']} held out"
                                        if data else ""),
              f"- training: {s['steps']} steps in {s['train_seconds']:.0f} s, peak memory {s['peak_memory_gb']:.2f} GB",
-             (f"- held-out pairs ({s['pairs']}): chosen scored above rejected by the reward model "
-              f"{fmt_pct(s['accuracy_before'])} before (random head) -> {fmt_pct(s['accuracy_after'])} after (margin "
-              f"{fmt_num(s['margin_before'])} -> {fmt_num(s['margin_after'])})" if train.get("method") == "reward" else
-              f"- held-out pairs ({s['pairs']}): chosen ranked first by log-prob {fmt_pct(s['accuracy_before'])} "
-              f"before -> {fmt_pct(s['accuracy_after'])} after (margin {fmt_num(s['margin_before'])} -> "
-              f"{fmt_num(s['margin_after'])} nats); DPO reward accuracy {fmt_pct(s['reward_accuracy_after'])}"),
+             "- " + (preference_headline(pref.get("base", {}), pref.get("trained", {}), s["method"], pref.get("beta"))
+                     or "held-out pairs: none"),
              "- GGUF: " + (", ".join(f"{t} {g['mib']} MiB (reward acc {fmt_pct(g['reward_accuracy'])}, log-prob "
                                      f"{fmt_pct(g['accuracy'])})" for t, g in s["ggufs"].items()) or "none")
              + f"; smoke test: {(s['smoke'] or 'not run').upper()}",
@@ -93,10 +90,12 @@ def write_report(run: Path) -> list[str]:
              "![held-out accuracy](plots/heldout_accuracy.png)", "",
              "## Held-out preference pairs",
              "",
-             "Accuracy: the model gives the chosen reply a higher log-probability than the rejected one (sum "
-             "over the reply's tokens, given the prompt; it favours short replies). Reward accuracy: DPO's "
-             "implicit reward, beta * (log p_model - log p_base), is higher for the chosen reply, i.e. training "
-             "moved the model towards it. The same token ids go through every form of the model.",
+             "Reward accuracy (the headline): DPO's implicit reward, beta * (log p_model - log p_base), is higher "
+             "for the chosen reply, i.e. training moved the model towards it; it is measured against the base, so "
+             "the base has none. Accuracy: the model gives the chosen reply a higher log-probability than the "
+             "rejected one (sum over the reply's tokens, given the prompt). That sum favours short replies, so a "
+             "model can move a long way towards long chosen replies and still rank a short rejected one first: "
+             "it need not rise when training works. The same token ids go through every form of the model.",
              "", "| model | accuracy | mean margin | log p(chosen) | log p(rejected) | reward accuracy | "
              "reward margin | same decisions as merged |", "|---|---|---|---|---|---|---|---|"]
     pref = train.get("preference", {})

@@ -19,10 +19,11 @@ from transformers import PrinterCallback, TrainerCallback
 
 from app import AppError
 from app.alarms import MAX_PAIRS, data_alarms, length_alarms, reward_alarms, reward_trend, training_alarms
-from app.evaluate import (generate_replies, held_out_pairs, score_pairs_hf, score_pairs_reward, summarize_scores,
-                          unsloth_inference)
+from app.evaluate import (generate_replies, held_out_pairs, preference_headline, score_pairs_hf, score_pairs_reward,
+                          summarize_scores, unsloth_inference)
 from app.model import load_rewards, local_model_folder
 from app.recipe import ONLINE, trl_config_default
+from app.progress import Progress
 from app.refcache import attach_reference_log_probs, reference_line
 from app.runs import checkpoint_step, last_checkpoint, write_json, write_text
 
@@ -66,11 +67,14 @@ def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbac
     return trainer
 
 
-def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: Path | None = None) -> dict | None:
+def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: Path | None = None,
+          progress: Progress | None = None) -> dict | None:
     """Train in place; write metrics.jsonl, preference_eval.json and adapter/ into `run`; return a summary
     (None on a rank other than 0 of a launched run, app/launch.py: it trains, saves with the others, and stops).
     With `resume_from` (a checkpoint of this run), Trainer restores adapter, optimizer, scheduler and RNG
-    states and goes on from its step; metrics logged after that step are dropped first (they are redone)."""
+    states and goes on from its step; metrics logged after that step are dropped first (they are redone).
+    `progress` times the evaluation before and after apart from the training (app/progress.py)."""
+    progress = progress or Progress()
     log = MetricsLog(run / "metrics.jsonl", method)
     # report_to: tensorboard writes into the run: transformers 5 has no logging_dir, and its callback, first
     # called by the step-0 evaluation, would write to ./runs/ in the current directory
@@ -82,7 +86,8 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     if method == "dpo" and full:
         reference = full_finetuning_reference(trainer)
     elif method == "dpo":  # from the cache, scored once, or in every step (precompute_ref_log_probs)
-        reference = attach_reference_log_probs(trainer, recipe, local_model_folder(str(recipe.model["name"])))
+        with progress.stage("reference"):
+            reference = attach_reference_log_probs(trainer, recipe, local_model_folder(str(recipe.model["name"])))
     if reference and main:
         print(reference_line(reference))
     args, causal = trainer.args, method != "reward"
@@ -95,7 +100,7 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     score = score_pairs_hf if causal else score_pairs_reward
     before, base_scores = [], []
     if main:
-        with unsloth_inference(model) if causal else _no_grad():
+        with progress.stage("evaluation"), unsloth_inference(model) if causal else _no_grad():
             before = generate_replies(model, tokenizer, probes)
             base_scores = score(model, pairs)
     if resume_from:
@@ -114,7 +119,8 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     # on its own shard without DDP's gradient sync; measured on 2 CPU processes)
     trainer.args.eval_on_start = data.eval is not None and not resume_from
 
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with progress.stage("training"):
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if log.bad_step is not None:
         good = last_checkpoint(run)
         raise AppError(f"training stopped at step {log.bad_step}: the loss is {log.bad_value}; the last good "
@@ -131,13 +137,13 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
         return None
 
     # after
-    with unsloth_inference(model) if causal else _no_grad():
+    with progress.stage("evaluation"), unsloth_inference(model) if causal else _no_grad():
         after = generate_replies(model, tokenizer, probes)
         trained_scores = score(model, pairs)
     # DPO's implicit reward is measured against the base's log-probs; a reward model's scores are rewards already
     preference = {"base": summarize_scores(base_scores),
                   "trained": summarize_scores(trained_scores, base_scores if causal else None, beta),
-                  "left_out_too_long": too_long}
+                  "left_out_too_long": too_long, "beta": beta if causal else None}
     write_json(run / "preference_eval.json", {**preference, "beta": beta, "method": method, "pairs": [
         {**p, "base": b, "trained": t} for p, b, t in zip(pairs, base_scores, trained_scores)]})
 
@@ -289,13 +295,10 @@ def format_log_line(r: dict, max_steps: int) -> str | None:
 
 def training_summary_lines(s: dict) -> list[str]:
     """What the console says after training: held-out accuracy, the method's held-out loss, probe replies."""
-    lines = [f"ALARM ({a['name']}): {a['message']}; fix: {a['fix']}" for a in s.get("alarms", [])]
-    method = s.get("method", "dpo").upper()
-    before, after = s["preference"]["base"], s["preference"]["trained"]
-    if after.get("pairs"):
-        what = "reward model score" if method == "REWARD" else "log-prob"
-        lines.append(f"held-out preference accuracy ({what}, {after['pairs']} pairs): {before['accuracy']:.0%} "
-                     f"before -> {after['accuracy']:.0%} after; margin {before['margin']:+.2f} -> {after['margin']:+.2f}")
+    method, pref = s.get("method", "dpo").upper(), s["preference"]
+    headline = preference_headline(pref["base"], pref["trained"], s.get("method", "dpo"), pref.get("beta"))
+    lines = [headline] if headline else []
+    lines += [f"ALARM ({a['name']}): {a['message']}; fix: {a['fix']}" for a in s.get("alarms", [])]
     ev = s["eval"]
     acc = next((ev[f"eval_{k}"] for k in ACCURACY_KEYS if f"eval_{k}" in ev), None)
     margin = next((ev[f"eval_{k}"] for k in MARGIN_KEYS if f"eval_{k}" in ev), None)

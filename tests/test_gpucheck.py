@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from app import ROOT
-from app.gpucheck import STEPS, failure_sentence, last_error, stage_seconds, write_recipe
+from app.gpucheck import STEPS, failure_sentence, last_error, write_recipe
+from app.progress import Progress, read_events, stage_seconds
 
 
 def test_without_a_gpu_one_error_line_and_exit_2():
@@ -23,24 +24,27 @@ def test_without_a_gpu_one_error_line_and_exit_2():
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_failure_sentence_names_the_stage_and_the_last_error_line():
-    lines = list(enumerate([
-        "ok: versions: all 106 pins in requirements.txt are installed", "data: x.jsonl: 300 rows", "run folder: /x",
-        "step    1/10 | loss 0.6931", "Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
-        "RuntimeError: CUDA error: no kernel image is available for execution on the device"]))
-    assert failure_sentence(lines) == ("the train stage failed (CUDA): RuntimeError: CUDA error: no kernel image is "
-                                       "available for execution on the device")
-    app_error = [(0, "ok: versions: ..."), (1, "error: torch 2.11.0 is installed but requirements.txt pins "
-                                              "torch==2.13.0; fix: `make setup`"), (2, "")]
-    assert failure_sentence(app_error).startswith("the preflight stage failed (versions): torch 2.11.0 is installed")
+def test_failure_sentence_names_the_stage_and_the_last_error_line(tmp_path):
+    """The stage comes from the pipeline's progress events (app/progress.py), as a real run writes them."""
+    progress = Progress(str(tmp_path / "progress.jsonl"))
+    with progress.stage("preflight"):
+        pass
+    with pytest.raises(RuntimeError), progress.stage("training"):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+    events = read_events(tmp_path / "progress.jsonl")
+    assert [(e["stage"], e["event"]) for e in events] == [("preflight", "start"), ("preflight", "end"),
+                                                          ("training", "start"), ("training", "failed")]
+    assert set(stage_seconds(events)) == {"preflight", "training"}
+    lines = ["ok: versions: all 106 pins in requirements.txt are installed", "run folder: /x",
+             "step    1/10 | loss 0.6931", "Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+             "RuntimeError: CUDA error: no kernel image is available for execution on the device"]
+    assert failure_sentence(events, lines) == ("the training stage failed (CUDA): RuntimeError: CUDA error: no kernel "
+                                               "image is available for execution on the device")
+    app_error = ["ok: versions: ...", "error: torch 2.11.0 is installed but requirements.txt pins torch==2.13.0; "
+                 "fix: `make setup`", ""]
+    assert failure_sentence(events[:1], app_error).startswith("the preflight stage failed (versions): torch 2.11.0 is")
+    assert failure_sentence([], app_error).startswith("the startup stage failed")
     assert last_error(["", "  something odd", ""]) == "something odd"
-
-
-def test_stage_seconds_from_the_marks():
-    lines = [(1.0, "ok: versions"), (3.0, "ok: converter"), (4.0, "data: rows"), (9.0, "run folder: /x"),
-             (20.0, "export: merging"), (22.0, "export: GGUF f16"), (30.0, "smoke: llama.cpp"), (41.0, "done in 41s")]
-    assert stage_seconds(lines) == {"startup": 1.0, "preflight": 3.0, "model load": 5.0, "train": 11.0, "merge": 2.0,
-                                    "GGUF export": 8.0, "smoke": 11.0}
 
 
 def test_its_recipe_loads_and_the_memory_planner_reads_it(tmp_path):
