@@ -16,22 +16,30 @@ RUN ?= latest
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-READY := $(VENV)/.ready
+# GPU=1: llama.cpp built with CUDA. The first setup chooses it by itself where nvidia-smi lists a GPU and nvcc is
+# installed; after that the choice is remembered (.venv/.gpu), and `make setup GPU=1` (or GPU=0) changes it
+GPU ?= $(shell cat $(VENV)/.gpu 2>/dev/null || ({ command -v nvcc && nvidia-smi -L | grep -q GPU; } >/dev/null 2>&1 && echo 1))
 # llama-cpp-python compiles llama.cpp from source (~12 minutes on 2 cores). Portable x86-64-v3 flags, not
 # -march=native: the native build's AVX512/AMX kernels crashed on quantized GGUFs on our CI machines, and a
 # portable wheel can be reused on another CPU. The tools and examples are not needed (halves the build).
 # GPU=1 builds it with CUDA for GPU inference (needs the CUDA toolkit).
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 	-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF
+# CUDA_ARCH: the GPU architectures to compile for; "native" (the GPU of this machine, CMake >= 3.24) instead of
+# CUDA's every-architecture default, which takes far longer or falls back to a slow PTX JIT at run time
+CUDA_ARCH ?= native
 ifeq ($(GPU),1)
-LLAMA_CMAKE_ARGS += -DGGML_CUDA=on
+LLAMA_CMAKE_ARGS += -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)
 GPU_NOTE := @echo "GPU=1: llama.cpp built with CUDA; bitsandbytes' wheel carries its CUDA libraries; no xformers: none is built for torch 2.13 (0.0.35 is for torch 2.10), so Unsloth uses PyTorch's SDPA. Next: make gpu-check"
 else
 GPU_NOTE := @:
 endif
 # pip's own wheel cache ignores CMAKE_ARGS (it would hand a CPU build to GPU=1), so built wheels are kept
 # per set of flags here.
-LLAMA_WHEELS := $(HOME)/.cache/prefalign/llama-cpp-wheels/$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-12)
+LLAMA_BUILD := $(shell echo '$(LLAMA_CMAKE_ARGS)' | sha1sum | cut -c1-12)
+LLAMA_WHEELS := $(HOME)/.cache/prefalign/llama-cpp-wheels/$(LLAMA_BUILD)
+# the setup stamp names the llama.cpp build too: `make setup GPU=1` after a CPU setup installs the CUDA build
+READY := $(VENV)/.ready-$(LLAMA_BUILD)
 
 .PHONY: setup gpu-check dpo sft orpo kto reward grpo rloo preflight export smoke chat compare eval serve report runs recipes bench test clean
 
@@ -51,7 +59,7 @@ $(READY): requirements.txt
 	$(VENV)/bin/pip install --quiet --no-deps -r requirements.txt
 	$(PY) -m app setup
 	$(GPU_NOTE)
-	touch $@
+	rm -f $(VENV)/.ready-* && echo '$(GPU)' > $(VENV)/.gpu && touch $@
 
 # an optional extra: the lines of requirements-extras.txt tagged `# NAME`, with --no-deps as the core
 $(VENV)/.extra-%: requirements-extras.txt $(READY)

@@ -314,12 +314,18 @@ def cmd_runs(args):
 
 
 def cmd_recipes(args):
+    from app.memory import estimate_training_memory
     from app.recipe import load_recipe, recipe_names
-    print(f"{'recipe':<13} {'model':<46} {'size':>5} {'GPU GB':>6}  data")
+    print(f"{'recipe':<18} {'model':<46} {'size':>6} {'GPU GiB':>7}  data   (GPU GiB: app/memory.py's estimate of "
+          f"the training peak at the recipe's batch; `make preflight MODEL=...` says more)")
     for name in recipe_names():
         r = load_recipe(name)
-        gpu = f"{r.model['gpu_memory_gb']}" if r.model.get("requires_gpu") else "none"
-        print(f"{name:<13} {r.model['name']:<46} {r.model.get('params') or '?':>5} {gpu:>6}  {r.data['source']}")
+        try:
+            gpu = f"{estimate_training_memory(r).total:.1f}" + ("" if r.model.get("requires_gpu") else "*")
+        except ValueError:  # an architecture the planner does not know
+            gpu = "?"
+        print(f"{name:<18} {r.model['name']:<46} {r.model.get('params') or '?':>6} {gpu:>7}  {r.data['source']}")
+    print("* runs on the CPU as well")
 
 
 def cmd_setup(args):

@@ -253,15 +253,17 @@ def shape_summary(model: Path) -> dict:
 
 def write_recipe(path: Path, model: Path, dry_run: bool) -> Path:
     """tiny's data and LoRA settings with the shape's model: 10 DPO steps of batch 2 at max_length 512, 4-bit,
-    no evaluation during training, a few held-out pairs and two probes (smoke reads them), GGUF f16 + q4_k_m."""
+    no evaluation during training, a few held-out pairs and two probes (smoke reads them), GGUF f16 + q4_k_m.
+    The reference log-probs are scored up front, as a real recipe's 20,000 pairs make `auto` choose: that
+    pass (its batch from the planner, its progress) runs here too."""
     path.write_text(f"""# written by app/gpucheck.py: the GPU check's recipe (see its docstring)
 base: tiny
 model: {{name: {model}, load_in_4bit: true, dtype: {'bfloat16' if dry_run else 'null'}, max_seq_length: 512,
-        params: null, gpu_memory_gb: null}}
+        params: null}}
 data: {{eval_share: 0.05, eval_pairs: 8}}
 dpo: {{max_steps: {STEPS}, per_device_train_batch_size: 2, gradient_accumulation_steps: 1, max_length: 512,
        eval_strategy: "no", save_steps: 1000, logging_steps: 1, warmup_steps: 1, learning_rate: 1.0e-4,
-       per_device_eval_batch_size: 4}}
+       per_device_eval_batch_size: 4, precompute_ref_log_probs: true}}
 export: {{gguf: [{', '.join(GGUF)}], probes: ["What is the sun?", "Tell me about bees."]}}
 """)
     return path

@@ -254,6 +254,28 @@ def estimate_training_memory(recipe, *, batch: int | None = None, length: int | 
                           precompute_ref=bool(precompute_ref))
 
 
+def reference_pass_gib(recipe, batch: int, arch: Architecture | None = None) -> float:
+    """GiB that one batch of the up-front reference pass needs beyond the loaded weights: no gradients and no
+    checkpoints, so one layer's activations at a time and the LM head's output (estimate_training_memory's
+    `reference` term, whose inputs it shares)."""
+    estimate = estimate_training_memory(recipe, batch=batch, precompute_ref=False, arch=arch)
+    if estimate.reference:
+        return estimate.reference
+    return estimate.layer / 2 + estimate.logits / 2  # a method without a reference pass of its own
+
+
+def reference_pass_batch(recipe, free_gib: float, floor: int = 1, ceiling: int = 64,
+                         arch: Architecture | None = None) -> int:
+    """Pure: the largest power-of-two batch (from `floor` up to `ceiling`) whose reference pass fits
+    `free_gib` with 1 GiB to spare; `floor` when none does (the training batch, which trained)."""
+    best, batch = floor, floor
+    while batch <= ceiling:
+        if reference_pass_gib(recipe, batch, arch) + 1.0 <= free_gib:
+            best = batch
+        batch *= 2
+    return best
+
+
 def reference_choices(recipe, arch: Architecture | None = None) -> str | None:
     """Full fine-tuning's two references, side by side: TRL's frozen copy of the weights, or one pass before
     training (precompute_ref_log_probs); None for LoRA (its reference is the model with adapters off) or a

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from app import ROOT, AppError, repo_path
 from app import llamacpp
-from app.memory import (GiB, architecture, estimate_training_memory, fit_to_memory, model_folder, parse_params,
+from app.memory import (CUDA_CONTEXT_GIB, GiB, architecture, estimate_training_memory, fit_to_memory, model_folder, parse_params,
                         reference_choices, train_setting, training_section, with_training_changes)
 from app.model import BUILT, built_model, is_path, local_folder, offline
 from app.preflight_child import Probe, skipped
@@ -101,6 +101,7 @@ def run_preflight(recipe, *, requirements: Path = REQUIREMENTS, llamacpp_home: P
             write_cached(cache, key, {k: result[k] for k in ("tokenizer", "template")})
         line, changes = check_gpu_memory(recipe, arch, arch_source, result["cuda"])
         ok(line)
+        ok(check_after_training(recipe, arch, result["cuda"], llamacpp_gpu_offload()))
     finally:
         if probe:
             probe.stop()
@@ -360,6 +361,43 @@ def check_gpu_memory(recipe, arch, arch_source: str, cuda: dict | str | None) ->
                        f"that fits, or lower dpo.per_device_train_batch_size or dpo.max_length")
     return (f"GPU memory: estimated peak {est.total:.1f} GiB at {shape} of {free:.1f} GiB free on {gpu} "
             f"({est.summary()})"), {}
+
+
+def llamacpp_gpu_offload() -> bool:
+    """Whether the installed llama.cpp was built with GPU support (make setup GPU=1)."""
+    import llama_cpp
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def check_after_training(recipe, arch, cuda: dict | str | None, offload: bool) -> str:
+    """Where smoke runs once training is over, from the same placement rules it will use (app/smoke.py
+    reference_placement, app/gguf.py gpu_layers_for), with the memory free now less the training
+    process's CUDA context: the post-training peak is the reference or one GGUF in llama.cpp, never both.
+    Said with a warning when a GPU is present and llama.cpp cannot use it."""
+    import psutil
+
+    from app.gguf import GGUF_BITS, gpu_layers_for
+    from app.smoke import reference_placement
+
+    if arch is None or recipe.stages[-1] == "reward":
+        return "after training: no smoke estimate (" + ("a reward model has no GGUF)" if arch else "the architecture is unknown)")
+    free_gpu = max(0, cuda["free"] - CUDA_CONTEXT_GIB * GiB) if isinstance(cuda, dict) else None
+    place = reference_placement(arch.params, 2, free_gpu, psutil.virtual_memory().available)
+    files = []
+    for kind in recipe.export["gguf"]:
+        size = GGUF_BITS[kind] / 8 * arch.params
+        n = gpu_layers_for(int(size), arch.layers, free_gpu, offload)
+        files.append(f"{kind} {size / GiB:.1f} GiB " + ("on the GPU" if n == -1 else f"{n} of {arch.layers} layers on the GPU"
+                                                        if n else "on the CPU"))
+    where = {"cuda": "on the GPU", "cuda+cpu": "split between the GPU and host memory", "cpu": "on the CPU",
+             "none": "NOWHERE: it does not fit"}[place["device"]]
+    line = (f"after training: smoke's reference, the merged model in {place['dtype'] or '-'}, runs {where} "
+            f"({place['why']}); llama.cpp: {', '.join(files)}")
+    if isinstance(cuda, dict) and not offload:
+        logger.warning(f"a GPU is present ({cuda['name']}) but llama.cpp was built without GPU support, so smoke, chat "
+                       f"and serve run every GGUF on the CPU (slowly at this size); fix: `make setup GPU=1` rebuilds it "
+                       f"with CUDA")
+    return line
 
 
 def _is_run_recipe(recipe) -> bool:

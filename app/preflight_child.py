@@ -94,7 +94,7 @@ class Probe:
 # what the child was doing when it died (it writes the step before each), and whom that blames
 STEPS = {"start": "starting (importing torch and transformers)", "tokenizer": "loading the tokenizer",
          "template": "rendering the chat template", "converter": "running llama.cpp's converter on the tokenizer",
-         "vocabulary": "loading, in llama.cpp, the vocabulary its converter wrote"}
+         "vocabulary": "loading the vocabulary its converter wrote"}
 
 
 def crash_sentence(step: str, last_line: str, name: str) -> str:

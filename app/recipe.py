@@ -36,7 +36,8 @@ def key(default, help: str, positive: bool = False):
 class ModelSection:
     name: str | None = key(None, "a hub id (org/name), a local folder written by save_pretrained, or `tiny`")
     params: object = key(None, "the model's size, e.g. 8.0B, for `recipes` and the disk estimate")
-    gpu_memory_gb: object = key(None, "the estimated GPU peak, for `recipes`")
+    gpu_memory_gb: object = key(None, "not used: the memory planner estimates it (`make recipes`, `make preflight`); "
+                                      "accepted so that the recipe.yaml of older runs still loads")
     max_seq_length: int = key(2048, "the longest sequence Unsloth prepares for", positive=True)
     load_in_4bit: bool = key(True, "train on an nf4 (bitsandbytes) copy of the base; export merges onto it, dequantized")
     full_finetuning: bool = key(False, "train every weight (Unsloth's full_finetuning) in 16 bits: no LoRA, no 4-bit; "

@@ -168,7 +168,8 @@ def reference_child(spec: dict):
     for i, probe in enumerate(probes):
         np.save(out / f"logits-{i}.npy", probe.pop("logits"))
     result = {"placement": placement, "eos_token_id": tokenizer.eos_token_id, "probes": probes,
-              "pair_scores": score_pairs_hf(model, spec["pairs"])}
+              "pair_scores": score_pairs_hf(model, spec["pairs"]),
+              "unsloth_imported": "unsloth" in sys.modules}  # never: its patched forwards skip offload hooks
     (out / "reference.json").write_text(json.dumps(result))
 
 

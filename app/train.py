@@ -6,7 +6,9 @@ metrics.jsonl in the run folder, one JSON object per logging step, and one conso
 step says step, loss, the method's accuracy and margin, tokens/s and peak memory. For the causal LMs the
 held-out preference pairs are scored before and after (app/evaluate.py), whatever the method.
 """
+import functools
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -40,8 +42,9 @@ def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbac
 
     module, config_class, trainer_class, takes_ref = TRAINERS[method]
     module = importlib.import_module(module)
-    on_gpu = torch.cuda.is_available()
-    fields = dict(getattr(recipe, method))
+    # TRL's own defaults wherever Unsloth's generated config on a GPU would put its own, so that one recipe
+    # trains alike on the CPU and on a GPU; the recipe's values win
+    fields = {**trl_defaults_unsloth_replaces(method), **getattr(recipe, method)}
     if method == "dpo" and recipe.model.get("full_finetuning"):
         # no adapter to turn off: the reference is TRL's own, a second copy of the weights that it loads
         # (precompute_ref_log_probs false) or one pass of the starting weights before training (true, auto).
@@ -55,8 +58,7 @@ def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbac
         "output_dir": str(run / "checkpoints"), "report_to": "none", "disable_tqdm": True,  # our bar, our lines
         # online methods generate their inputs: Trainer cannot count them (it warns at every step)
         "include_num_input_tokens_seen": "no" if method in ONLINE else "non_padding", "save_total_limit": 2,
-        "bf16": on_gpu and torch.cuda.is_bf16_supported(), "fp16": on_gpu and not torch.cuda.is_bf16_supported(),
-        **fields})
+        **mixed_precision(torch.cuda.is_available(), model.dtype), **fields})
     extra = {"ref_model": None} if takes_ref else {}
     if method in ONLINE:  # they sample replies to the prompts and learn from these scores (a beta > 0 makes
         # the model with adapters off their reference, as DPO's)
@@ -65,6 +67,48 @@ def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbac
                                              processing_class=tokenizer, callbacks=callbacks, **extra)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; MetricsLog prints one line per log
     return trainer
+
+
+def mixed_precision(on_gpu: bool, model_dtype) -> dict:
+    """Pure: Trainer's bf16/fp16 flags for the dtype the model was loaded in. Unsloth loads in bfloat16 where
+    the GPU computes it natively and in float16 elsewhere (a T4, sm_75, has bfloat16 only through emulation,
+    which torch.cuda.is_bf16_supported() counts as support), and its trainer refuses bf16 on a float16 model.
+    None on the CPU."""
+    import torch
+    half = on_gpu and model_dtype in (torch.bfloat16, torch.float16)
+    return {"bf16": half and model_dtype == torch.bfloat16, "fp16": half and model_dtype == torch.float16}
+
+
+def trl_defaults_unsloth_replaces(method: str) -> dict:
+    """{field: TRL's default} for the fields whose defaults Unsloth's generated config replaces on a GPU
+    (unsloth/models/rl.py's `replacements`: weight_decay 0.001, learning_rate 5e-5, seed 3407, eval batch 4,
+    eval accumulation 2, ...), read from both libraries' installed source; those whose TRL default is not a
+    plain value (optim's is computed) are left out."""
+    from app.recipe import trl_config_fields
+
+    out = {}
+    for name in unsloth_replaced_fields() & trl_config_fields(method):
+        try:
+            out[name] = trl_config_default(method, name)
+        except (KeyError, ValueError):
+            pass
+    return out
+
+
+@functools.cache
+def unsloth_replaced_fields() -> set[str]:
+    """The keys of the `replacements` dicts in unsloth/models/rl.py (the defaults its generated configs put),
+    parsed rather than imported: on a CPU that module never runs."""
+    import ast
+
+    spec = importlib.util.find_spec("unsloth")
+    source = Path(spec.origin).parent / "models" / "rl.py"
+    names = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "replacements" for t in node.targets) \
+                and isinstance(node.value, ast.Dict):
+            names |= {k.value for k in node.value.keys if isinstance(k, ast.Constant)}
+    return names - {"output_dir", "report_to", "bf16", "fp16", "include_num_input_tokens_seen"}  # set by make_trainer
 
 
 def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: Path | None = None,

@@ -26,8 +26,9 @@ def smoke_result(file: str, kind: str, size: int, passed: bool = True, reason: s
     return {"file": file, "type": kind, "bytes": size,
             "metadata": {"architecture": "llama", "eos_token_id": 2, "has_chat_template": True},
             "tokenizer_eos_id": 2, "prompt_mismatch": None, "probes": [], "max_abs_logit_diff": 0.031,
-            "logit_scale": 21.4, "top1_agreement": 0.985, "greedy_lead_share": 1.0, "decisive_top1": 1.0,
-            "top1_beyond_noise": 1.0, "preference": {"pairs": 30, "accuracy": 0.9, "reward_accuracy": 0.9667},
+            "mean_abs_logit_diff": 0.002, "logit_scale": 21.4, "top1_agreement": 0.985, "greedy_lead_share": 1.0,
+            "decisive_top1": 1.0, "reference_dtype": "float32",
+            "preference": {"pairs": 30, "accuracy": 0.9, "reward_accuracy": 0.9667},
             "seconds": 1.2, "passed": passed, "reason": reason,
             "thresholds": {"max_abs_logit_diff": 0.428, "top1_agreement": 1.0}}
 
@@ -80,12 +81,13 @@ def test_cards_metadata_reads_back_with_huggingface_hubs_parser(tmp_path):
         assert card.data.base_model == HUB_BASE and card.data.datasets == [HUB_DATA]
         assert card.data.pipeline_tag == "text-generation" and card.data.base_model_relation == "finetune"
         assert {"dpo", "trl", "unsloth"} <= set(card.data.tags)
-        assert "| trained (after) | 90% | +12.35 |" in card.text and "| base (before) | 47% | -0.81 |" in card.text
+        assert "| trained (after) | 97% | 90% | +12.35 |" in card.text and "| base (before) | - | 47% | -0.81 |" in card.text
+        assert "DPO moved the model towards the chosen reply in 29 of 30" in card.text
         assert f"(https://huggingface.co/{HUB_BASE})" in card.text
     assert merged.data.library_name == "transformers" and "gguf" not in merged.data.tags
     assert "gguf" in gguf.data.tags
-    assert "| tiny-f16.gguf | 5.0 | 98% | 90% | pass |" in gguf.text  # smoke.json, one row per GGUF
-    assert "| tiny-q4_k_m.gguf | 2.0 | 98% | 90% | pass |" in gguf.text
+    assert "| tiny-f16.gguf | 5.0 | 98% | 97% | pass |" in gguf.text  # smoke.json, one row per GGUF
+    assert "| tiny-q4_k_m.gguf | 2.0 | 98% | 97% | pass |" in gguf.text
 
 
 def test_card_of_the_tiny_recipe_says_what_ran(tmp_path):
@@ -119,7 +121,7 @@ def test_card_text_is_a_pure_function_of_the_run_facts(tmp_path):
     facts["earlier_runs"] = ["tiny-sft-20260101-110000"]
     facts["chat_family"] = None
     text = card_text("gguf", facts)
-    assert "| tiny-q4_k_m.gguf | 2.0 | 98% | 90% | FAIL: no chat template |" in text
+    assert "| tiny-q4_k_m.gguf | 2.0 | 98% | 97% | FAIL: no chat template |" in text
     assert "| hellaswag | acc,none | 0.4123 |" in text and "alias" not in text
     assert "then tiny-sft-20260101-110000 (earlier stages)" in text
     assert "a layout this app does not recognise" in text
@@ -159,7 +161,8 @@ def test_the_tiny_run_has_both_cards_in_its_manifest(tiny_run):
         assert f"{kind}/README.md" in manifest
         card = ModelCard.load(tiny_run / kind / "README.md")
         assert card.data.pipeline_tag == "text-generation" and "dpo" in card.data.tags
-        assert f"| trained (after) | {train['preference']['trained']['accuracy']:.0%} |" in card.text
+        trained = train["preference"]["trained"]
+        assert f"| trained (after) | {trained['reward_accuracy']:.0%} | {trained['accuracy']:.0%} |" in card.text
     assert "| tiny-q8_0.gguf |" in (tiny_run / "gguf" / "README.md").read_text()
 
 

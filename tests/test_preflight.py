@@ -119,6 +119,25 @@ def test_an_unknown_bpe_pre_tokenizer(tmp_path):
     assert_one_sentence(e.value, "converter cannot write the vocabulary", "pre-tokenizer was not recognized")
 
 
+@pytest.mark.slow
+def test_a_tokenizer_that_crashes_llama_cpp_is_blamed_not_the_environment(tmp_path):
+    """SmolLM2's tokenizer as transformers imports it from a GGUF (byte fallback, an SPM decoder): the converter
+    writes it, and llama.cpp aborts while reading it back (unordered_map::at), killing the child. The sentence
+    names the tokenizer's layout; `make setup` would not help."""
+    from transformers import AutoTokenizer
+
+    from app.smollm2 import ensure_model as ensure_smollm2, package_gguf
+
+    folder = tmp_path / "lossy"
+    AutoTokenizer.from_pretrained(str(package_gguf().parent), gguf_file=package_gguf().name).save_pretrained(str(folder))
+    shutil.copy(ensure_smollm2() / "config.json", folder / "config.json")
+    with pytest.raises(AppError) as e:
+        run_preflight(recipe_with_model(tmp_path, folder), cache=None)
+    assert_one_sentence(e.value, "llama.cpp crashed while loading the vocabulary its converter wrote", "tokenizer's layout",
+                        "tokenizer.json")
+    assert "make setup" not in str(e.value)
+
+
 def test_offline_mode_needs_the_model_in_the_cache(monkeypatch):
     """HF_HUB_OFFLINE set: no hub call; a hub model that is not cached stops here, in training's own words."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -36,7 +36,9 @@ def test_report_and_plots_agree_with_the_metrics(tiny_run):
     pref = json.loads((tiny_run / "preference_eval.json").read_text())
     summary = report.split("\n\n")[1].splitlines()
     assert len(summary) == 5, summary
-    assert (f"{pref['base']['accuracy']:.0%} before -> {pref['trained']['accuracy']:.0%} after" in summary[3])
+    moved = round(pref["trained"]["reward_accuracy"] * 30)
+    assert f"held-out pairs (30): DPO moved the model towards the chosen reply in {moved} of 30" in summary[3]
+    assert f"| trained (HF, LoRA) | {pref['trained']['accuracy']:.0%} |" in report  # log-prob accuracy: the table
     last_eval = [r for r in read_jsonl(tiny_run / "metrics.jsonl") if "eval_loss" in r][-1]
     assert f"| {last_eval['step']} | {last_eval['eval_loss']:.4f} |" in report
     assert "smoke test: PASS" in summary[4]

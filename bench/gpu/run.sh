@@ -6,12 +6,13 @@
 #   bash bench/gpu/run.sh OUT_DIR --dry-run    # here, on the CPU: the current .venv, gpu-check --dry-run
 #   .venv/bin/python bench/gpu/record.py OUT_DIR   # then, back here: the GPU section of BENCHMARKS.md
 #
-# OUT_DIR gets: run.log (everything printed), gpu-check.json (the report), pip-freeze.txt (the versions
-# it ran with), run-train.json, run-metrics.jsonl and run-smoke.json (the check's run folder), and
+# OUT_DIR gets: run.log (everything printed), checks.txt (CUDA, versions and libraries checked before any
+# run), gpu-check.json (the report), pip-freeze.txt (the versions it ran with), run-train.json, run-metrics.jsonl and run-smoke.json (the check's run folder), and
 # dpo_speed.log when the speed benchmark ran; gpu-check-with-xformers.json when Unsloth's import broke with
 # the bundled xformers and the check ran again without it. Environment: PYTHON (the interpreter holding torch; default
 # python3), VENV (default /tmp/prefalign-gpu-venv), DPO_SPEED_ARGS (bench/dpo_speed.py's arguments, to run
-# it whatever its --help offers).
+# it whatever its --help offers), BUDGET (seconds for everything, default 480: each step gets what is left,
+# and what did not fit is printed as skipped).
 set -uo pipefail  # no -e: each step reports its own failure and the next one still runs
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -28,7 +29,10 @@ done
 mkdir -p "$OUT_DIR" && OUT_DIR=$(cd "$OUT_DIR" && pwd)
 exec > >(tee "$OUT_DIR/run.log") 2>&1
 START=$SECONDS
+BUDGET=${BUDGET:-480}  # seconds for the whole run: a device command has 600, and the machine's start is not in them
 stamp() { echo; echo "== [$((SECONDS - START))s] $*"; }
+left() { echo $((BUDGET - (SECONDS - START))); }
+SKIPPED=()
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 WHEELS=bench/gpu/wheels
@@ -74,6 +78,51 @@ PYTHON
   export PREFALIGN_ALLOW_UNPINNED=1
 fi
 "$PY" -m pip list --format=freeze --disable-pip-version-check > "$OUT_DIR/pip-freeze.txt" 2>/dev/null
+
+stamp "checks: torch's CUDA against bitsandbytes' libraries, every bundled wheel's version specifiers, libgomp"
+"$PY" - "$WHEELS" "$DRY" <<'PYTHON' | tee "$OUT_DIR/checks.txt"
+"""What would break after minutes of work, said now: bitsandbytes carries CUDA libraries for some CUDA versions
+only; a requirement can be present in the wrong version; llama.cpp's CPU library needs the system's libgomp."""
+import ctypes.util, importlib.metadata, sys, zipfile
+from email.parser import Parser
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+wheels, dry = Path(sys.argv[1]), sys.argv[2] == "1"
+bundle = {canonicalize_name(parse_wheel_filename(w.name)[0]): (str(parse_wheel_filename(w.name)[1]), w)
+          for w in wheels.glob("*.whl")} if wheels.is_dir() else {}
+problems = []
+import torch
+cuda = torch.version.cuda
+bnb = bundle.get("bitsandbytes")
+if bnb and cuda and not dry:
+    libs = sorted(n.rsplit("/", 1)[-1] for n in zipfile.ZipFile(bnb[1]).namelist() if "libbitsandbytes_cuda" in n)
+    if f"libbitsandbytes_cuda{cuda.replace('.', '')}.so" not in libs:
+        problems.append(f"torch is built for CUDA {cuda} but the bundled bitsandbytes carries only {', '.join(libs)}: "
+                        f"4-bit loading will fail; bundle.sh's KEEP_BNB must keep that CUDA's library")
+env = {"extra": ""}
+for name, (version, whl) in sorted(bundle.items()):
+    z = zipfile.ZipFile(whl)
+    meta = Parser().parsestr(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode())
+    for line in meta.get_all("Requires-Dist") or []:
+        req = Requirement(line)
+        if req.marker and not req.marker.evaluate(env):
+            continue
+        dep = canonicalize_name(req.name)
+        try:
+            have = bundle[dep][0] if dep in bundle else importlib.metadata.version(dep)
+        except importlib.metadata.PackageNotFoundError:
+            have = None
+        if have is None:
+            problems.append(f"{name} {version} needs {req}, which is neither in the bundle nor on this machine")
+        elif req.specifier and not req.specifier.contains(have, prereleases=True):
+            problems.append(f"{name} {version} needs {req}; {have} is here")
+if not ctypes.util.find_library("gomp"):
+    problems.append("libgomp.so.1 (OpenMP) is not on this machine: llama.cpp's CPU library will not load")
+print("\n".join(f"   {p}" for p in problems) if problems else "   none found")
+PYTHON
 "$PY" -c 'import torch; print(f"torch {torch.__version__} (CUDA {torch.version.cuda}) from {torch.__file__}; cuda available: {torch.cuda.is_available()}")'
 
 # llama.cpp's converter and the Llama-3 vocabulary: .llamacpp/ is git-ignored, so it comes in the bundle
@@ -88,7 +137,8 @@ fi
 
 stamp "gpu-check$([ "$DRY" = 1 ] && echo ' --dry-run')"
 rm -rf .cache/gpu-check/last-run  # a failed check must not leave the last one's files to be copied
-"$PY" -m app.gpucheck $([ "$DRY" = 1 ] && echo --dry-run) --out "$OUT_DIR/gpu-check.json" --timeout 360
+CHECK_TIMEOUT=$(( $(left) - 90 < 360 ? $(left) - 90 : 360 ))  # leave the speed benchmark a minute and a half
+"$PY" -m app.gpucheck $([ "$DRY" = 1 ] && echo --dry-run) --out "$OUT_DIR/gpu-check.json" --timeout "$CHECK_TIMEOUT"
 CHECK=$?
 # xformers built for another torch should only make Unsloth fall back to SDPA; if Unsloth's import itself broke
 # with it installed, check again without it (the first report is kept as gpu-check-with-xformers.json)
@@ -102,8 +152,12 @@ then
   stamp "Unsloth did not import with xformers installed: gpu-check again without it"
   [ -f "$OUT_DIR/gpu-check.json" ] && mv "$OUT_DIR/gpu-check.json" "$OUT_DIR/gpu-check-with-xformers.json"
   "$PY" -m pip uninstall -y -q xformers
-  "$PY" -m app.gpucheck --out "$OUT_DIR/gpu-check.json" --timeout 360
-  CHECK=$?
+  if [ "$(left)" -gt 150 ]; then
+    "$PY" -m app.gpucheck --out "$OUT_DIR/gpu-check.json" --timeout $(( $(left) - 30 ))
+    CHECK=$?
+  else
+    SKIPPED+=("gpu-check without xformers: $(left) s left of the ${BUDGET} s budget")
+  fi
 fi
 for f in train.json metrics.jsonl smoke.json; do
   [ -f .cache/gpu-check/last-run/$f ] && cp .cache/gpu-check/last-run/$f "$OUT_DIR/run-$f"
@@ -121,10 +175,13 @@ if [ -z "$SPEED_ARGS" ] && [ "$DRY" = 0 ]; then
 elif [ -z "$SPEED_ARGS" ]; then
   echo "skipped in a dry run (DPO_SPEED_ARGS='--shape tiny --rounds 1' runs it)"
 fi
-if [ -n "$SPEED_ARGS" ]; then
-  echo "\$ python bench/dpo_speed.py $SPEED_ARGS --no-record"
+if [ -n "$SPEED_ARGS" ] && [ "$(left)" -lt 90 ]; then
+  SKIPPED+=("dpo_speed: $(left) s left of the ${BUDGET} s budget")
+elif [ -n "$SPEED_ARGS" ]; then
+  SPEED_TIMEOUT=$(( $(left) - 20 < 300 ? $(left) - 20 : 300 ))
+  echo "\$ python bench/dpo_speed.py $SPEED_ARGS --no-record   (timeout ${SPEED_TIMEOUT}s)"
   # shellcheck disable=SC2086
-  timeout 300 "$PY" bench/dpo_speed.py $SPEED_ARGS --no-record 2>&1 | tee "$OUT_DIR/dpo_speed.log"
+  timeout "$SPEED_TIMEOUT" "$PY" bench/dpo_speed.py $SPEED_ARGS --no-record 2>&1 | tee "$OUT_DIR/dpo_speed.log"
   echo "dpo_speed exit status: ${PIPESTATUS[0]}"
 fi
 
@@ -137,5 +194,6 @@ r = json.loads(p.read_text()) if p.is_file() else None
 print("gpu-check: " + (f"{r['result']}" + (f": {r['reason']}" if r["reason"] else "") if r else "no report (see run.log)"))
 PYTHON
 ls -l "$OUT_DIR"
-[ $((SECONDS - START)) -le 480 ] || echo "run.sh: took over 8 minutes"
+for skipped in "${SKIPPED[@]}"; do echo "skipped: $skipped"; done
+[ "$(left)" -ge 0 ] || echo "run.sh: took over its ${BUDGET} s budget"
 exit $CHECK
