@@ -1,12 +1,12 @@
-"""The offline default, timed: `make dpo` (the tiny recipe, environment already set up), stage by stage.
+"""The offline recipes, timed: `make dpo [MODEL=...]` (environment already set up), stage by stage.
 
-    .venv/bin/python bench/offline_default.py           # make dpo, warm setup
-    .venv/bin/python bench/offline_default.py --setup   # also: make setup into a fresh venv in /tmp, warm caches
+    .venv/bin/python bench/offline_default.py                      # make dpo (tiny), warm setup
+    .venv/bin/python bench/offline_default.py --model smollm2-135m # the real model (its build counted once)
+    .venv/bin/python bench/offline_default.py --setup              # also: make setup into a fresh venv in /tmp
 
-Stage times come from the run folder `make dpo` leaves in exports/: each file's modification time marks
-when its stage finished (recipe.yaml when the run folder was made, adapter/ after training, merged/, each
-gguf/*.gguf, smoke.json, manifest.json ...), so a stage runs from the end of the one before to its last
-file. Training's own figures come from metrics.jsonl and train.json. The run folder is kept: it is an
+Stage times are the run's own timings.json (app/progress.py: preflight, load, reference, evaluation,
+training, export, smoke, report); what is left of the wall time is the interpreter's start and exit and
+make's. Training's own figures come from metrics.jsonl and train.json. The run folder is kept: it is an
 ordinary run (exports/latest moves to it when its smoke test passes, as after any `make dpo`).
 
 --setup times `make VENV=<tmp>/venv setup`: a new virtualenv with the pinned stack, from the pip cache and
@@ -27,34 +27,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, append_section, context, format_table, load_average, run_measured, tail  # noqa: E402
 
 EXPORTS = ROOT / "exports"
-# a run folder's top-level names -> the stage that writes them (anything else is shown under its own name)
-STAGES = {"recipe.yaml": "start-up: make, imports, data, model load", "metrics.jsonl": "train",
-          "train.json": "train", "adapter": "train", "checkpoints": "train", "preference_eval.json": "train",
-          "merged": "merge", "smoke.json": "smoke test", "report.md": "report", "plots": "report",
-          "manifest.json": "manifest"}
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setup", action="store_true", help="also time `make setup` into a fresh venv in /tmp")
+    p.add_argument("--model", default="tiny", help="the recipe, as make dpo MODEL=... takes it (default: tiny)")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
     return p.parse_args()
 
 
 # --- make dpo ------------------------------------------------------------------------------------------------
 
-def make_dpo_command() -> list[str]:
-    """`make dpo`; when the venv works but carries no .ready stamp (set up by hand), `-o` tells make to take
-    it as done instead of reinstalling into it, which would not be the warm path this measures."""
+def make_dpo_command(model: str) -> list[str]:
+    """`make dpo MODEL=...`; when the venv works but make would set it up again (no stamp for this build),
+    `-o` tells make to take it as done, which is the warm path this measures."""
     python = ROOT / ".venv" / "bin" / "python"
     if not python.exists() or subprocess.run([str(python), "-c", "import app"], cwd=ROOT).returncode:
         sys.exit("no working .venv: run `make setup` first (or time the setup with --setup)")
-    up_to_date = subprocess.run(["make", "-q", ".venv/.ready"], cwd=ROOT, capture_output=True).returncode == 0
-    return ["make", "dpo"] if up_to_date else ["make", "-o", ".venv/.ready", "dpo"]
+    stamp = subprocess.run(["make", "-s", "--eval=print-ready: ; @echo $(READY)", "print-ready"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    up_to_date = subprocess.run(["make", "-q", stamp], cwd=ROOT, capture_output=True).returncode == 0
+    return ["make", "dpo", f"MODEL={model}"] if up_to_date else ["make", "-o", stamp, "dpo", f"MODEL={model}"]
 
 
-def time_make_dpo(work: Path) -> dict:
-    command = make_dpo_command()
+def time_make_dpo(work: Path, model: str) -> dict:
+    command = make_dpo_command(model)
     before = {p.name for p in EXPORTS.iterdir()}
     print(f"$ {' '.join(command)}", flush=True)
     start = time.time()
@@ -70,25 +68,11 @@ def time_make_dpo(work: Path) -> dict:
     return {"command": " ".join(command), "start": start, "end": start + r["wall_s"], "run": runs[0], **r}
 
 
-def stage_times(run: Path, start: float, end: float) -> list[tuple[str, float]]:
-    """[(stage, seconds)] in order: each stage ends at the newest file it wrote (checkpoints/ left out:
-    Trainer writes it before the adapter, inside the training stage)."""
-    ends = {}
-    for path in run.rglob("*"):
-        rel = path.relative_to(run)
-        if not path.is_file() or rel.parts[0] == "checkpoints" or path.name.startswith("."):
-            continue
-        if rel.parts[0] == "gguf":  # one stage per GGUF type; other files there (a Modelfile) by name
-            stage = f"gguf {path.stem.rsplit('-', 1)[-1]}" if path.suffix == ".gguf" else f"gguf/{path.name}"
-        else:
-            stage = STAGES.get(rel.parts[0], rel.parts[0])
-        ends[stage] = max(ends.get(stage, 0.0), path.stat().st_mtime)
-    stages, previous = [], start
-    for stage, t in sorted(ends.items(), key=lambda kv: kv[1]):
-        stages.append((stage, t - previous))
-        previous = t
-    stages.append(("exit: after the last file", end - previous))
-    return stages
+def stage_times(run: Path, total: float) -> list[tuple[str, float]]:
+    """[(stage, seconds)] from the run's timings.json, in the order the stages ran, and the rest of the wall
+    time (interpreter start and exit, make)."""
+    timings = json.loads((run / "timings.json").read_text())
+    return [*timings.items(), ("the rest: interpreter, imports before preflight, make", total - sum(timings.values()))]
 
 
 def training_figures(run: Path) -> dict:
@@ -127,14 +111,14 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench-offline-", dir="/tmp"))
     try:
         setup = time_setup(work) if args.setup else None
-        dpo = time_make_dpo(work)
+        dpo = time_make_dpo(work, args.model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     total = dpo["wall_s"]
-    rows = [[stage, f"{s:.1f}", f"{s / total:.0%}"] for stage, s in stage_times(dpo["run"], dpo["start"], dpo["end"])]
+    rows = [[stage, f"{s:.1f}", f"{s / total:.0%}"] for stage, s in stage_times(dpo["run"], total)]
     rows.append([f"total: {dpo['command']}", f"{total:.1f}", "100%"])
-    text = format_table(["stage (ends at its last file in the run folder)", "s", "share"], rows)
+    text = format_table(["stage (the run's timings.json)", "s", "share"], rows)
     if setup:
         rows = [[cmd, f"{s:.1f}"] for cmd, s in setup["steps"]] + [[f"total: {setup['command']}", f"{setup['wall_s']:.1f}"]]
         text = format_table(["make setup, fresh venv, warm caches: command", "s"], rows) + "\n\n" + text
@@ -148,19 +132,20 @@ def main():
         f"train_runtime {train['train_runtime']:.1f}s{tok_s}, last logged loss {train['last_loss']:.4f}; train.json "
         f"peak memory {train['peak_memory_gb']} GB (the training process's peak RSS).",
         f"peak RSS of the whole `{dpo['command']}` (its largest process, os.wait4): {dpo['peak_rss_gib']:.2f} GiB.",
-        "stages: from the end of the previous stage to the newest file of this one, by modification time; "
-        "`train` includes the before/after sample replies and the held-out evaluation; the merge check "
-        "(merged vs trained logits) falls into the first gguf stage, which it precedes.",
+        "stages (app/progress.py): load = importing Unsloth, the data and the model (a built model's first "
+        "build too); reference = DPO's reference log-probs up front (0 when they are scored in every step); "
+        "evaluation = the probe replies and the held-out pairs, before and after; export = merge, its check, "
+        "GGUF conversion and quantization; smoke = the float32 reference's child process and every GGUF.",
     ]
-    if dpo["command"] != "make dpo":
-        notes.append("`-o .venv/.ready`: the venv was set up without make's .ready stamp; -o keeps make from "
+    if "-o" in dpo["command"].split():
+        notes.append("`-o <stamp>`: the venv works but has no stamp for this llama.cpp build; -o keeps make from "
                      "reinstalling into it, so this is the warm path that `make dpo` takes once set up.")
     if setup:
         notes.append("setup: a fresh virtualenv in /tmp via the Makefile's own recipe (VENV overridden), packages "
                      "from the local pip cache / index and the llama-cpp-python wheel built earlier on this machine.")
     notes.append("Not measured: setup with cold caches. It needs the package registry over the network and "
                  "compiles llama.cpp (~12 minutes on 2 cores, README); neither is available offline here.")
-    append_section("offline_default (make dpo, tiny)", context(load_at_start), text, notes)
+    append_section(f"offline_default (make dpo, {args.model})", context(load_at_start), text, notes)
 
 
 if __name__ == "__main__":
