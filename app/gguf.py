@@ -22,22 +22,24 @@ GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m
 CHAT_PREFERENCE = ("q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32", "q4_0")  # for chat and Ollama
 
 # What each type must reach in the smoke test (app/smoke.py), against a reference computed in float32 from
-# the merged 16-bit weights: (the logit error measured, its largest share of the reference's largest logit,
-# the least raw top-1 agreement). Shares, not absolute values: the logits' range is the model's.
+# the merged 16-bit weights: (the logit error judged, its largest share of the reference's largest logit, the
+# least raw top-1 agreement). Shares, not absolute values: the logits' range is the model's.
 # - The converter's own types are exact up to rounding: their largest error, and top-1 wherever the reference
-#   is decisive (smoke.py). Measured on SmolLM2-135M: f32 0.0016, f16 0.0020, bf16 0.0164 of 43.
-# - Quantized types add llama.cpp's quantization of weights and of activations; one outlier position says
-#   little, so their mean error and their raw top-1 are judged. Calibrated on SmolLM2-135M, the noisiest model
-#   here (small, with outlier activations: a torch simulation of q8_0's weight and activation rounding misses
-#   by as much as llama.cpp's q8_0 does), about 2x above what a correct file measured there (mean share /
-#   top-1): q8_0 0.0095 / 96.7%, q6_k 0.0096 / 91.2%, q5_k_m 0.038 / 82.4%, q4_k_m 0.033 / 82.9%, q4_0 0.085 /
-#   55.2%; tiny's are 10x smaller. Files with two layers swapped measured 0.055-0.065 / 72-76%, and with one
-#   layer's weights 30% off 0.024-0.040 / 79-86% (the exact check of the f16 file, which the quantized ones
-#   are made from, fails those by 13x and more).
+#   is decisive (smoke.py). Measured on SmolLM2-135M: f32 0.0016, f16 0.0018-0.0020, bf16 0.008-0.016.
+# - Quantized types add llama.cpp's rounding of weights and of activations; one outlier position says little
+#   (a torch simulation of q8_0's rounding misses SmolLM2 by as much as llama.cpp's q8_0 does), so their mean
+#   error and their raw top-1 are judged. The limits are about 2x what correct files measured on SmolLM2-135M,
+#   the noisiest model here (small, with outlier activations; two runs, mean share / top-1): q8_0 0.008-0.010 /
+#   97-98%, q6_k 0.010-0.011 / 91-97%, q5_k_m 0.038-0.043 / 82-84%, q4_k_m 0.025-0.033 / 83-91%, q4_0
+#   0.078-0.085 / 55-68%; tiny's are 10x smaller (bench/smoke_gates.py). At 8 and 6 bits they fail a file with
+#   two layers swapped (0.055-0.067 / 74-76%) or one layer's weights 30% off (0.024 / 80-92%). At 5 and 4 bits on
+#   a 135M model those stay within the type's own noise (q4_k_m 0.034-0.065 / 72-82%): there the gates catch a
+#   file broken outright, and exactness rests on the f16 file every quantized one is made from, whose exact
+#   check fails both by 13x and more.
 THRESHOLDS = {
     "f32": ("max", 0.02, 1.0), "f16": ("max", 0.02, 1.0), "bf16": ("max", 0.04, 1.0),
-    "q8_0": ("mean", 0.02, 0.9), "q6_k": ("mean", 0.02, 0.85), "q5_k_m": ("mean", 0.06, 0.7),
-    "q4_k_m": ("mean", 0.06, 0.7), "q4_0": ("mean", 0.15, 0.45),
+    "q8_0": ("mean", 0.02, 0.9), "q6_k": ("mean", 0.025, 0.85), "q5_k_m": ("mean", 0.08, 0.65),
+    "q4_k_m": ("mean", 0.08, 0.65), "q4_0": ("mean", 0.17, 0.45),
 }
 EXACT = CONVERTED  # the converter's own types: no quantization, so agreement up to rounding
 
