@@ -9,7 +9,7 @@
 #   make eval [RUN=exports/<run>] [TASKS=t1,t2] [LIMIT=N] [GGUF=q8_0] lm-eval benchmarks, base against trained
 #   make serve [RUN=exports/<run>] [QUANT=q4_k_m] [PORT=8000]        OpenAI-compatible server on 127.0.0.1
 #   make gpu-check [DRY=1]                                           the GPU path in minutes (exit 2 without a GPU)
-#   make runs | bench | test | clean
+#   make runs | bench | test | test-fast | clean                     test-fast: what trains nothing, in a minute
 #   make setup [EXTRAS="tensorboard trackio"]                       the pins; EXTRAS: optional trackers too
 MODEL ?= tiny
 RUN ?= latest
@@ -41,7 +41,10 @@ LLAMA_WHEELS := $(HOME)/.cache/prefalign/llama-cpp-wheels/$(LLAMA_BUILD)
 # the setup stamp names the llama.cpp build too: `make setup GPU=1` after a CPU setup installs the CUDA build
 READY := $(VENV)/.ready-$(LLAMA_BUILD)
 
-.PHONY: setup gpu-check dpo sft orpo kto reward grpo rloo preflight export smoke chat compare eval serve report runs recipes bench test clean
+# the training methods, one target each: the names of app/methods.py's table
+METHODS := $(shell sed -n 's/^    Method."\([a-z0-9_]*\)".*/\1/p' app/methods.py)
+
+.PHONY: setup gpu-check $(METHODS) preflight export smoke chat compare eval serve report runs recipes bench test test-fast clean
 
 setup: $(READY) $(foreach e,$(EXTRAS),$(VENV)/.extra-$(e))
 
@@ -68,7 +71,7 @@ $(VENV)/.extra-%: requirements-extras.txt $(READY)
 	touch $@
 
 # one target per method; a recipe whose stages end with it runs them all (make dpo MODEL=tiny-sft-dpo)
-dpo sft orpo kto reward grpo rloo: $(READY)
+$(METHODS): $(READY)
 	$(PY) -m app $@ $(MODEL) $(if $(STEPS),--set $@.max_steps=$(STEPS)) $(foreach s,$(SET),--set $(s)) \
 	  $(if $(FIT),--set model.auto_fit=true) $(if $(RESUME),--resume $(RESUME)) $(if $(GPUS),--processes $(GPUS))
 
@@ -118,6 +121,10 @@ bench: $(READY)
 # with the tensorboard extra, so that its test (a short run writing event files) runs here and in CI
 test: $(READY) $(VENV)/.extra-tensorboard
 	$(PY) -m pytest -q tests
+
+# the fast tier: every test that trains and exports nothing (verdicts, recipes, planner, bad inputs), in a minute
+test-fast: $(READY)
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) .cache .llamacpp .pytest_cache unsloth_compiled_cache

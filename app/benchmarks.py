@@ -43,10 +43,9 @@ def evaluate_run(run: Path, tasks: list[str] | None = None, limit: int | None = 
                  log=print) -> dict:
     """lm-eval on RUN/merged and on its base (and on a GGUF: `gguf` "" for the default one, or a type);
     writes eval.json, then the report, the model cards and the manifest again. Returns eval.json's content."""
-    from app.card import write_model_card
     from app.gguf import find_gguf
+    from app.pipeline import refresh_run_documents
     from app.recipe import load_recipe
-    from app.report import write_report
     from app.runs import rewriting_finished_run, write_json
 
     if not (run / "merged" / "config.json").is_file():
@@ -95,8 +94,7 @@ def evaluate_run(run: Path, tasks: list[str] | None = None, limit: int | None = 
 
     with rewriting_finished_run(run):
         write_json(run / "eval.json", out)
-        write_report(run)
-        write_model_card(run)
+        refresh_run_documents(run)
     return out
 
 
@@ -185,15 +183,3 @@ def items(samples: dict) -> dict:
 def lm_eval_version() -> str:
     import importlib.metadata
     return importlib.metadata.version("lm_eval")
-
-
-def stderr_key(metric: str) -> str:
-    """The name of a metric's standard error in `metrics`' output: acc -> acc_stderr, exact_match (strict) ->
-    exact_match_stderr (strict)."""
-    name, sep, where = metric.partition(" (")
-    return f"{name}_stderr{sep}{where}"
-
-
-def headline(task_metrics: dict) -> float | None:
-    """A task's first metric (lm-eval lists its main one first: acc before acc_norm), for the runs table."""
-    return next((v for k, v in task_metrics.items() if "_stderr" not in k), None)

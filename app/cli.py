@@ -39,6 +39,7 @@ import typing
 from pathlib import Path
 
 from app import AppError
+from app.methods import METHODS
 
 
 def main(argv=None) -> int:
@@ -46,11 +47,7 @@ def main(argv=None) -> int:
                                      "and TRL, export to GGUF, proven in llama.cpp, chat locally.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="diagnostics on stderr: -v, -vv for more")
     sub = parser.add_subparsers(dest="command", required=True)
-    for method, what in (("train", "run the recipe's stages"), ("sft", "supervised fine-tuning"),
-                         ("dpo", "DPO"), ("orpo", "ORPO (no reference model)"), ("kto", "KTO (unpaired data)"),
-                         ("reward", "a reward model (no export)"),
-                         ("grpo", "GRPO against a reward (online: sampled replies scored)"),
-                         ("rloo", "RLOO against a reward (online: sampled replies scored)")):
+    for method, what in (("train", "run the recipe's stages"), *((m.name, m.help) for m in METHODS.values())):
         p = sub.add_parser(method, help=f"{what}: train, export, smoke-test (the whole pipeline)")
         p.add_argument("recipe", nargs="?", default="tiny", help="a name in recipes/ or a path to a YAML file")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one key")
@@ -177,7 +174,8 @@ def cmd_train_worker(args):
 
 
 def cmd_score(args):
-    from app.evaluate import load_reward_run, reward_run, score_replies
+    from app.evaluate import score_replies
+    from app.rewards import load_reward_run, reward_run
 
     model, tokenizer = load_reward_run(reward_run(args.run))
     for reward, response in zip(score_replies(model, tokenizer, args.prompt, args.response), args.response):
@@ -240,7 +238,7 @@ def cmd_data(args):
     if recipe:
         from app.model import load_tokenizer
         tokenizer = load_tokenizer(recipe)
-    report, rows = inspect_data(data, tokenizer, recipe.dpo.get("max_length", 1024) if recipe else None)
+    report, rows = inspect_data(data, tokenizer, recipe.methods["dpo"].get("max_length", 1024) if recipe else None)
     if args.dump:
         write_text(Path(args.dump), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     if args.json:
@@ -270,14 +268,14 @@ def cmd_verify(args):
 
 
 def cmd_report(args):
-    from app.card import write_model_card
-    from app.report import write_report
+    from app.pipeline import refresh_run_documents
     from app.runs import resolve_run, rewriting_finished_run
 
     run = resolve_run(args.run, write=True)
+    if not (run / "train.json").is_file():
+        raise AppError(f"{run.name} has no train.json and recipe.yaml: not a finished training run")
     with rewriting_finished_run(run):
-        summary = write_report(run)
-        cards = write_model_card(run)
+        summary, cards = refresh_run_documents(run)
     print("\n".join(summary) + f"\nreport: {run / 'report.md'}")
     for card in cards:
         print(f"model card: {card}")
@@ -346,7 +344,7 @@ def cmd_preflight(args):
     run_preflight(load_recipe(args.recipe, args.set), log=print)
 
 
-COMMANDS = {**{m: cmd_train for m in ("train", "sft", "dpo", "orpo", "kto", "reward", "grpo", "rloo")}, "train-worker": cmd_train_worker, "score": cmd_score, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "compare": cmd_compare, "pairs": cmd_pairs,
+COMMANDS = {**{m: cmd_train for m in ("train", *METHODS)}, "train-worker": cmd_train_worker, "score": cmd_score, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "compare": cmd_compare, "pairs": cmd_pairs,
             "serve": cmd_serve, "data": cmd_data, "verify": cmd_verify, "report": cmd_report, "eval": cmd_eval,
             "push": cmd_push, "runs": cmd_runs, "recipes": cmd_recipes, "setup": cmd_setup, "preflight": cmd_preflight,
             "gpu-check": cmd_gpu_check}

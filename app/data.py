@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from app import ROOT, AppError, repo_path
-from app.recipe import ONLINE
+from app.methods import METHODS
 
 FIELDS = ("prompt", "chosen", "rejected")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -47,24 +47,24 @@ def load_training_data(data: dict, method: str) -> PreferenceData:
     prompt/completion for sft (the chosen side of pairs, or chat data: a `messages` list or prompt and
     completion); prompt/completion/label for kto (unpaired rows, or pairs split into a true and a false
     example when data.unpair is true). Held-out pairs stay pairs, for the preference evaluation."""
-    read = read_recipe_rows(data)
-    if method in ("sft", "kto"):  # these also take rows that are not pairs
+    read, shape = read_recipe_rows(data), METHODS[method].data
+    if shape in ("chat", "unpaired"):  # sft and kto also take rows that are not pairs
         first = next((row for _, row in read if isinstance(row, dict)), None)
         if first and "chosen" not in map_columns(first, data.get("columns"), "the first row"):
             return load_completion_data(data, read, method)
     prefs = load_preference_data(data, read)
     prefs.pairs = prefs.eval
-    if method in ONLINE:  # prompts to sample replies to; the held-out pairs still score before and after
+    if shape == "prompts":  # grpo, rloo: prompts to sample replies to; the held-out pairs still score before and after
         import datasets
         if data.get("prompts"):
             prompts = read_prompt_list(data["prompts"])
         else:
             prompts = list({prompt_key(p): p for p in prefs.train["prompt"]}.values())
         prefs.train, prefs.eval = datasets.Dataset.from_list([{"prompt": p} for p in prompts]), None
-    elif method == "sft":
+    elif shape == "chat":  # sft: the chosen side
         prefs.train, prefs.eval = (None if d is None else d.remove_columns("rejected").rename_column("chosen", "completion")
                                    for d in (prefs.train, prefs.eval))
-    elif method == "kto":
+    elif shape == "unpaired":  # kto
         if not data.get("unpair"):
             raise AppError(f"{data['source']}: KTO trains on unpaired rows (prompt, completion, label); these are "
                            f"pairs: set data.unpair: true to make each pair a true and a false example")
@@ -144,7 +144,7 @@ def completion_rows(read, columns, method: str) -> tuple[list[dict], set]:
         else:
             raise AppError(f"{where}: expected 'messages' (a list of role/content messages), prompt + completion, "
                            f"or prompt + chosen + rejected; it has {', '.join(map(str, row)) or 'nothing'}")
-        if method == "kto":
+        if METHODS[method].data == "unpaired":
             if not isinstance(row.get("label"), bool):
                 raise AppError(f"{where}: KTO rows need 'label': true (a good reply) or false (a bad one)")
             out["label"] = row["label"]

@@ -9,11 +9,7 @@ against the base's scores. Before training it is undefined (every reward is 0: p
 The pairs are tokenized once, as DPOTrainer tokenizes them, and every form sees the same token ids.
 """
 import contextlib
-import json
 import logging
-from pathlib import Path
-
-from app import AppError
 
 logger = logging.getLogger(__name__)
 
@@ -97,28 +93,6 @@ def score_replies(model, tokenizer, prompt: str | list[dict], replies: list[str]
         return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
     return [reward_of(model, conversation(r)) for r in replies]
-
-
-def reward_run(arg: str) -> Path:
-    """The folder of a finished reward run (`python -m app reward`): a run folder, a name in exports/ or
-    `latest`. AppError for any other run: only a reward run's model scores replies. Reads train.json only."""
-    from app.runs import resolve_run
-
-    run = resolve_run(arg)
-    train = run / "train.json"
-    if not train.is_file() or json.loads(train.read_text()).get("method") != "reward":
-        raise AppError(f"{run.name} is not a finished reward run (train one with: make reward)")
-    return run
-
-
-def load_reward_run(run: Path):
-    """(model, tokenizer) of a reward run that reward_run accepted, for score_replies."""
-    from app.model import import_unsloth, load_trained_reward_model
-    from app.recipe import load_recipe
-
-    recipe = load_recipe(str(run / "recipe.yaml"))
-    import_unsloth()  # before transformers and PEFT, as everywhere else
-    return load_trained_reward_model(recipe, run / "adapter")
 
 
 def score_pairs_gguf(llm, pairs) -> list[list[float]]:

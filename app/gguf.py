@@ -161,7 +161,7 @@ def gguf_load_error(path: Path, error: Exception, n_ctx: int | None = None) -> A
     if "Failed to create llama_context" in str(error):
         return AppError(f"llama.cpp loaded {path.name} but could not make its context"
                         + (f" of {n_ctx} tokens" if n_ctx else "") + ": not enough memory for it; a smaller "
-                        f"context (--ctx) or a smaller GGUF type needs less")
+                        "context (--ctx) or a smaller GGUF type needs less")
     if "Failed to load model" not in str(error):
         return None
     return AppError(f"llama.cpp could not load {path.name}: the file is damaged or incomplete (a copy or "

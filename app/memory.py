@@ -39,13 +39,13 @@ import importlib.metadata
 import json
 from pathlib import Path
 
+from app.methods import METHODS
+
 
 GiB = 2**30
 CUDA_CONTEXT_GIB = 1.0
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # 4-bit weights + an 8-bit absmax per 64 + an fp32 scale per 256 absmax
 FUSED_TILE = (4096, 32768)  # tokens x vocabulary of one tile of TRL's fused LM head (trl/kernels/chunked_logprob.py)
-REFERENCE_METHODS = {"dpo", "kto"}  # TRL runs a reference pass (the model with its adapters off) for these
-PAIRED_METHODS = {"dpo", "orpo", "reward"}  # chosen and rejected go through the model in one batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,21 +137,19 @@ def training_method(recipe) -> str:
 
 
 def training_section(recipe) -> dict:
-    """The recipe's TRL config section for `training_method` (recipe.dpo for a DPO recipe)."""
-    return getattr(recipe, training_method(recipe))
+    """The recipe's TRL config section for `training_method` (methods["dpo"] for a DPO recipe)."""
+    return recipe.methods[training_method(recipe)]
 
 
 def with_training_changes(recipe, changes: dict):
     """The recipe with `changes` (e.g. fit_to_memory's) applied to its `training_section`; a new recipe."""
-    import dataclasses
-    method = training_method(recipe)
-    return dataclasses.replace(recipe, **{method: {**getattr(recipe, method), **changes}}) if changes else recipe
+    return recipe.with_method(training_method(recipe), changes) if changes else recipe
 
 
 def train_setting(recipe, key):
     """The recipe's value of a TRL config field, else TRL's own default for it."""
-    from app.recipe import ONLINE, trl_config_default
-    if key == "max_length" and training_method(recipe) in ONLINE:  # no such field: a prompt and a sampled reply,
+    from app.recipe import trl_config_default
+    if key == "max_length" and METHODS[training_method(recipe)].online:  # no such field: a prompt and a sampled reply,
         return recipe.model["max_seq_length"]                       # at most the model's sequence length
     value = training_section(recipe).get(key)
     return value if value is not None else trl_config_default(training_method(recipe), key)
@@ -213,7 +211,7 @@ def estimate_training_memory(recipe, *, batch: int | None = None, length: int | 
     batch = batch or train_setting(recipe, "per_device_train_batch_size")
     length = length or train_setting(recipe, "max_length")
     section = training_section(recipe)
-    has_reference = training_method(recipe) in REFERENCE_METHODS
+    has_reference = METHODS[training_method(recipe)].reference
     full = bool(recipe.model.get("full_finetuning"))
     if precompute_ref is None:  # with LoRA, dpo's "auto" may still score the reference in every step
         # (app/refcache.py): counted, the safe side; full fine-tuning's auto is TRL's precompute (app/train.py)
@@ -223,7 +221,7 @@ def estimate_training_memory(recipe, *, batch: int | None = None, length: int | 
     four_bit = bool(recipe.model.get("load_in_4bit")) and not full
     act = 4 if recipe.model.get("dtype") == "float32" else 2  # bytes of an activation (Unsloth: bf16 or fp16)
     h, kv, q, i, v = arch.hidden, arch.kv_heads * arch.head_dim, arch.heads * arch.head_dim, arch.intermediate, arch.vocab
-    tokens = (2 if training_method(recipe) in PAIRED_METHODS else 1) * batch * length  # chosen + rejected
+    tokens = (2 if METHODS[training_method(recipe)].paired else 1) * batch * length  # chosen + rejected
 
     linear_bytes = arch.linear_params * (NF4_BITS / 8 if four_bit else act)
     weights = linear_bytes + arch.other_params * act
@@ -280,7 +278,7 @@ def reference_choices(recipe, arch: Architecture | None = None) -> str | None:
     """Full fine-tuning's two references, side by side: TRL's frozen copy of the weights, or one pass before
     training (precompute_ref_log_probs); None for LoRA (its reference is the model with adapters off) or a
     method without a reference."""
-    if not recipe.model.get("full_finetuning") or training_method(recipe) not in REFERENCE_METHODS:
+    if not recipe.model.get("full_finetuning") or not METHODS[training_method(recipe)].reference:
         return None
     copy, once = (estimate_training_memory(recipe, precompute_ref=p, arch=arch).total for p in (False, True))
     return (f"full fine-tuning's reference: {copy:.1f} GiB with a frozen copy of the weights "
@@ -289,7 +287,7 @@ def reference_choices(recipe, arch: Architecture | None = None) -> str | None:
 
 def fit_to_memory(recipe, free_gib: float, arch: Architecture | None = None) -> tuple[dict, str]:
     """(the dpo fields to change, one sentence saying what was chosen) so the estimate fits `free_gib`
-    (the fields of `training_section`: recipe.dpo for a DPO recipe).
+    (the fields of `training_section`: methods["dpo"] for a DPO recipe).
 
     Keeps the effective batch (per_device_train_batch_size x gradient_accumulation_steps) exactly: the
     batch is the largest divisor of it that fits, the accumulation the rest. When even batch 1 does not fit,
@@ -306,7 +304,7 @@ def fit_to_memory(recipe, free_gib: float, arch: Architecture | None = None) -> 
             chosen = b
             break
     if chosen is None:  # batch 1; and the reference pass before training, for the methods that have one
-        chosen, precompute = 1, training_method(recipe) in REFERENCE_METHODS
+        chosen, precompute = 1, METHODS[training_method(recipe)].reference
         estimate = estimate_training_memory(recipe, batch=1, precompute_ref=precompute, arch=arch)
     changes = {}
     if chosen != batch:

@@ -10,7 +10,7 @@ import os
 import socket
 from pathlib import Path
 
-from app import ROOT, AppError, repo_path
+from app import ROOT, AppError
 
 logger = logging.getLogger(__name__)
 
@@ -262,47 +262,6 @@ def load_trained_reward_model(recipe, adapter_dir: Path):
                                                               **load_options(recipe))
     base.config.pad_token_id = tokenizer.pad_token_id
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), tokenizer
-
-
-def load_rewards(recipe) -> tuple[list, list]:
-    """grpo's and rloo's reward (TRL's reward_funcs and reward_processing_classes): the reward run's model,
-    its adapter merged into its base (a plain sequence classifier, which TRL scores each reply with through
-    its own tokenizer), then the functions of rewards.functions; TRL adds their scores."""
-    funcs, tokenizers = [], []
-    if recipe.rewards.get("run"):
-        from app.evaluate import load_reward_run, reward_run
-        scorer, tokenizer = load_reward_run(reward_run(recipe.rewards["run"]))
-        funcs.append(scorer.merge_and_unload())
-        tokenizers.append(tokenizer)
-    if recipe.rewards.get("functions"):
-        found = load_reward_functions(repo_path(recipe.rewards["functions"]))
-        funcs += found
-        tokenizers += [None] * len(found)
-    return funcs, tokenizers
-
-
-def load_reward_functions(path: Path) -> list:
-    """The top-level functions a Python file defines (not those it imports; not _private ones), in order.
-    Its code runs: said on stderr first, as trust_remote_code is."""
-    import importlib.util
-    import inspect
-
-    logger.warning(f"rewards.functions runs the Python code in {path} on this machine (its reward functions); "
-                   f"keep it only for code you trust")
-    spec = importlib.util.spec_from_file_location(f"rewards_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except SyntaxError as e:
-        raise AppError(f"{path} line {e.lineno}: not valid Python ({e.msg})") from None
-    except Exception as e:  # the user's code: one sentence, not our traceback
-        raise AppError(f"{path}: running it failed with {type(e).__name__}: {e}") from None
-    found = [f for name, f in vars(module).items()
-             if inspect.isfunction(f) and f.__module__ == module.__name__ and not name.startswith("_")]
-    if not found:
-        raise AppError(f"{path} defines no reward function (a top-level def f(prompts, completions, **kwargs) that "
-                       f"returns one float per completion)")
-    return found
 
 
 def load_trained_model(recipe, adapter_dir: Path):

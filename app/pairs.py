@@ -79,7 +79,7 @@ def make_pairs(s: PairsSettings, log=print) -> dict:
         raise AppError(f"{out} already exists; give another --out, or delete it to make it again")
     prompts = read_prompt_list(s.prompts, s.split)[:s.limit]
     if s.mode == "reward":
-        from app.evaluate import reward_run
+        from app.rewards import reward_run
         judge = reward_run(s.reward_run)
         principles = None
     else:
@@ -310,7 +310,7 @@ def write_lines(journal: Path, settings: dict, todo, s: PairsSettings, source, j
     writer = GGUFWriter(source[1]) if source[0] == "gguf" else HFWriter(source[1])
     base = {"mode": s.mode, "model": model_label(source)}
     if judge:
-        from app.evaluate import load_reward_run
+        from app.rewards import load_reward_run
         scorer = load_reward_run(judge)
         base["reward_run"] = judge.name
     new = not journal.exists()

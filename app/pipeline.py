@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from app import AppError
+from app.methods import METHODS
 from app.progress import Progress
 
 
@@ -24,7 +25,7 @@ def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = 
     run folder."""
     from app.memory import with_training_changes
     from app.preflight import run_preflight
-    from app.recipe import ONLINE, check_stages, load_recipe
+    from app.recipe import check_stages, load_recipe
 
     progress = Progress()
     run, checkpoint = None, None
@@ -43,28 +44,28 @@ def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = 
     recipe = with_training_changes(recipe, checked.changes)  # model.auto_fit's batch
     # a resumed run is one stage, its own method whichever command resumes it
     stages = recipe.stages if resume or command == "train" or recipe.stages[-1] == command else [command]
-    if stages == [command] and command in ONLINE and not (recipe.rewards["run"] or recipe.rewards["functions"]):
+    if stages == [command] and METHODS[command].online and not (recipe.rewards["run"] or recipe.rewards["functions"]):
         log(f"{command} learns from a reward and recipe '{recipe.name}' names none (rewards.run, rewards.functions): "
             f"a reward model is trained first, on the pairs of {recipe.data['source']} (the RLHF order)")
         stages = ["reward", command]
     check_stages(recipe, stages)
-    if recipe.rewards["run"] and any(s in ONLINE for s in stages):
-        from app.evaluate import reward_run
+    if recipe.rewards["run"] and any(METHODS[s].online for s in stages):
+        from app.rewards import reward_run
         reward_run(recipe.rewards["run"])  # a reward run indeed, said before anything loads
     policy, scorer = None, None  # the last runs that trained the chat model and a reward model
     for i, stage in enumerate(stages):
         if policy:  # each stage starts from the previous chat model's merged 16-bit weights
             recipe = dataclasses.replace(recipe, model={**recipe.model, "name": str(policy / "merged")})
-        if stage in ONLINE and scorer and not recipe.rewards["run"]:  # [sft, reward, grpo]: the reward stage's
+        if METHODS[stage].online and scorer and not recipe.rewards["run"]:  # [sft, reward, grpo]: the reward stage's
             recipe = dataclasses.replace(recipe, rewards={**recipe.rewards, "run": str(scorer)})
         if len(stages) > 1:
             log(f"stage {i + 1}/{len(stages)}: {stage}")
         run = run_stage(stage, dataclasses.replace(recipe, stages=[stage]), run if checkpoint else None, checkpoint,
                         processes, log=log, progress=progress)
-        policy, scorer = (policy, run) if stage == "reward" else (run, scorer)
+        policy, scorer = (run, scorer) if METHODS[stage].chat_model else (policy, run)
     log(progress.line())
     log(f"done in {time.monotonic() - progress.start:.0f}s: {run}\n  report: {run / 'report.md'}")
-    if stages[-1] != "reward":
+    if METHODS[stages[-1]].chat_model:
         log(f"  chat with it: make chat   (or: python -m app chat {run.name})")
     return run
 
@@ -98,7 +99,7 @@ def run_stage(method: str, recipe, run=None, checkpoint=None, processes: int = 1
         write_json(run / "train.json", summary)
     for line in training_summary_lines(summary):
         log(line)
-    if method == "reward":  # a scorer, not a chat model: nothing to merge into a GGUF
+    if not METHODS[method].chat_model:  # a scorer: nothing to merge into a GGUF
         from app.report import write_report
         from app.runs import write_manifest
         with progress.stage("report"):
@@ -132,7 +133,7 @@ def load_stage(method: str, recipe, log=print):
     log(f"data: {data.source} ({data.format}): {data.rows} rows{dropped} -> {len(data.train)} train, "
         f"{len(data.eval) if data.eval is not None else 0} held out")
     source = resolve_model_source(recipe)
-    model, tokenizer = (load_reward_model if method == "reward" else load_model)(recipe, source)
+    model, tokenizer = (load_model if METHODS[method].chat_model else load_reward_model)(recipe, source)
     return data, source, model, tokenizer
 
 
@@ -190,7 +191,7 @@ def export_run_folder(run: Path, log=print, progress: Progress | None = None):
                        + (", or its export did not, and full fine-tuning keeps the trained weights nowhere else but "
                           "its checkpoints: train it again" if full else "") + ")")
     recipe = load_recipe(str(run / "recipe.yaml"))
-    if recipe.stages == ["reward"]:
+    if not METHODS[recipe.stages[-1]].chat_model:
         raise AppError(f"{run.name} is a reward model: a scorer, not a chat model, so it has no GGUF export "
                        f"(use it with: python -m app score {run.name} --prompt ... --response ...)")
     progress = progress or Progress()
@@ -207,8 +208,6 @@ def check_run(run: Path, recipe, log=print, progress: Progress | None = None):
     import gc
 
     import torch
-    from app.card import write_model_card
-    from app.report import write_report
     from app.runs import mark_latest, write_manifest
     from app.smoke import smoke_run
 
@@ -219,11 +218,8 @@ def check_run(run: Path, recipe, log=print, progress: Progress | None = None):
     log("smoke: llama.cpp against the merged model")
     with progress.stage("smoke"):
         results = smoke_run(run, recipe.export["probes"], log=log)
-    summary = []
     with progress.stage("report"):
-        if (run / "train.json").is_file():
-            summary = write_report(run)
-            write_model_card(run)  # before the manifest, which names the cards too
+        summary, _ = refresh_run_documents(run)  # before the manifest, which names them too
         write_timings(run, progress)
         write_manifest(run)
     for line in summary:
@@ -232,6 +228,18 @@ def check_run(run: Path, recipe, log=print, progress: Progress | None = None):
     if failed:
         raise AppError("smoke test failed: " + "; ".join(f"{r['file']}: {r['reason']}" for r in failed))
     mark_latest(run)
+
+
+def refresh_run_documents(run: Path) -> tuple[list[str], list[Path]]:
+    """report.md (with plots/) and the model cards, rebuilt from the run folder alone: (the report's summary
+    lines, the cards written); nothing for a folder without train.json. A command that changes a finished
+    run calls it inside runs.rewriting_finished_run, which writes the manifest again afterwards."""
+    from app.card import write_model_card
+    from app.report import write_report
+
+    if not (run / "train.json").is_file():
+        return [], []
+    return write_report(run), write_model_card(run)
 
 
 def write_timings(run: Path, progress: Progress):

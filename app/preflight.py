@@ -44,6 +44,7 @@ from app import ROOT, AppError, repo_path
 from app import llamacpp
 from app.memory import (CUDA_CONTEXT_GIB, GiB, architecture, estimate_training_memory, fit_to_memory, model_folder, parse_params,
                         reference_choices, train_setting, training_section, with_training_changes)
+from app.methods import METHODS
 from app.model import BUILT, built_model, is_path, local_folder, offline
 from app.preflight_child import Probe, skipped
 
@@ -162,11 +163,9 @@ def check_trackers(recipe) -> str:
     it transformers would stop at the first step, after the model has loaded."""
     import importlib.util
 
-    from app.recipe import METHODS
-
     asked = {}
-    for method in METHODS:
-        value = getattr(recipe, method).get("report_to") or []
+    for method, section in recipe.methods.items():
+        value = section.get("report_to") or []
         for name in [value] if isinstance(value, str) else value:
             if name not in ("none", "all"):  # all: transformers takes whichever trackers are installed
                 asked.setdefault(name, f"{method}.report_to")
@@ -379,7 +378,7 @@ def check_after_training(recipe, arch, cuda: dict | str | None, offload: bool) -
     from app.gguf import GGUF_BITS, gpu_layers_for
     from app.smoke import reference_placement
 
-    if arch is None or recipe.stages[-1] == "reward":
+    if arch is None or not METHODS[recipe.stages[-1]].chat_model:
         return "after training: no smoke estimate (" + ("a reward model has no GGUF)" if arch else "the architecture is unknown)")
     free_gpu = max(0, cuda["free"] - CUDA_CONTEXT_GIB * GiB) if isinstance(cuda, dict) else None
     place = reference_placement(arch.params, 2, free_gpu, psutil.virtual_memory().available)

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from app import ROOT, AppError, repo_path
+from app.methods import METHODS, ONLINE
 
 RECIPES = ROOT / "recipes"
 logger = logging.getLogger(__name__)
@@ -120,12 +121,6 @@ def section_defaults(section: str) -> dict:
     return dataclasses.asdict(OURS[section]())
 
 
-# method -> (TRL source file, config class): the fields are read from TRL's source (see trl_config_fields)
-METHODS = {"sft": ("trainer/sft_config.py", "SFTConfig"), "dpo": ("trainer/dpo_config.py", "DPOConfig"),
-           "orpo": ("experimental/orpo/orpo_config.py", "ORPOConfig"),  # experimental upstream
-           "kto": ("trainer/kto_config.py", "KTOConfig"), "reward": ("trainer/reward_config.py", "RewardConfig"),
-           "grpo": ("trainer/grpo_config.py", "GRPOConfig"), "rloo": ("trainer/rloo_config.py", "RLOOConfig")}
-ONLINE = ("grpo", "rloo")  # they sample replies to prompts and learn from a reward (RewardsSection)
 SECTIONS = [*OURS, *METHODS]
 
 
@@ -141,16 +136,14 @@ class Recipe:
     eval: dict     # lm-eval tasks for `python -m app eval`
     launch: dict   # how --processes N launches the training (accelerate)
     stages: list   # methods, run in order: [dpo], [sft, dpo], ...
-    sft: dict      # keyword arguments for trl.SFTConfig, and so on
-    dpo: dict
-    orpo: dict
-    kto: dict
-    reward: dict
-    grpo: dict
-    rloo: dict
+    methods: dict  # method -> keyword arguments for its TRL config: methods["dpo"] for trl.DPOConfig, ...
 
     def to_dict(self) -> dict:
-        return {"stages": self.stages, **{s: getattr(self, s) for s in SECTIONS}}
+        return {"stages": self.stages, **{s: getattr(self, s) for s in OURS}, **self.methods}
+
+    def with_method(self, method: str, changes: dict) -> "Recipe":
+        """A new recipe whose `method` section has `changes` applied."""
+        return dataclasses.replace(self, methods={**self.methods, method: {**self.methods[method], **changes}})
 
 
 def recipe_names() -> list[str]:
@@ -202,7 +195,8 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
         valid = {f.name for f in dataclasses.fields(OURS[section])} if section in OURS else trl_config_fields(section)
         _check_keys(path, given, section + ".", valid)
         sections[section] = {**(section_defaults(section) if section in OURS else {}), **given}
-    recipe = Recipe(name=str(name), path=path, stages=stages, **sections)
+    recipe = Recipe(name=str(name), path=path, stages=stages, **{s: sections[s] for s in OURS},
+                    methods={m: sections[m] for m in METHODS})
     _check_values(recipe)
     if recipe.model["full_finetuning"]:
         if "reward" in recipe.stages:
@@ -260,10 +254,10 @@ def _check_values(r: Recipe):
         raise AppError(f"{where} data.source is required (a hub dataset id or a local .jsonl/.json/.csv/.parquet)")
     _check_types(r)
     for method in ("dpo", "orpo", "kto"):
-        beta = getattr(r, method).get("beta", trl_config_default(method, "beta"))
+        beta = r.methods[method].get("beta", trl_config_default(method, "beta"))
         if not isinstance(beta, (int, float)) or beta <= 0:
             raise AppError(f"{where} {method}.beta must be a positive number, got {beta!r}")
-    losses = r.dpo.get("loss_type", ["sigmoid"])
+    losses = r.methods["dpo"].get("loss_type", ["sigmoid"])
     known = dpo_loss_types()
     for loss in [losses] if isinstance(losses, str) else losses:
         if loss not in known:
@@ -275,7 +269,7 @@ def _check_values(r: Recipe):
         raise AppError(f"{where} data.eval_pairs must be a whole number >= 0, got {r.data['eval_pairs']!r}")
     for method in METHODS:
         for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"):
-            value = getattr(r, method).get(key)
+            value = r.methods[method].get(key)
             if value is not None and (not isinstance(value, int) or (value <= 0 and (key, value) != ("max_steps", -1))):
                 raise AppError(f"{where} {method}.{key} must be a positive integer"
                                f"{' (or -1: train for num_train_epochs)' if key == 'max_steps' else ''}, got {value!r}")
@@ -320,9 +314,9 @@ def _check_types(r: Recipe):
     checks = [(f"{s}.{k}", getattr(r, s)[k], kinds) for s in OURS for k, kinds in our_key_types(s).items()]
     for method in METHODS:
         annotations = trl_config_types(method)
-        checks += [(f"{method}.{k}", v, annotations[k]) for k, v in getattr(r, method).items()
+        checks += [(f"{method}.{k}", v, annotations[k]) for k, v in r.methods[method].items()
                    if annotations.get(k) and v not in APP_VALUES.get(f"{method}.{k}", ())]
-        for k, v in getattr(r, method).items():  # YAML 1.1 reads no/yes/on/off as booleans
+        for k, v in r.methods[method].items():  # YAML 1.1 reads no/yes/on/off as booleans
             if isinstance(v, bool) and k in trl_text_fields(method):
                 raise AppError(f"{r.path}: {method}.{k} must be text, got {v!r} (YAML reads no, yes, on and off as "
                                f"false/true: quote it, e.g. {k}: \"no\")")
@@ -346,7 +340,7 @@ def trl_config_types(method: str) -> dict:
     """{field: tuple of Python types} for the fields of a method's TRL config annotated with plain types
     only (`float`, `int | None`, `Optional[bool]`, ...); fields with other annotations are not listed."""
     plain = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
-    classes, types, name = _trl_classes(method), {}, METHODS[method][1]
+    classes, types, name = _trl_classes(method), {}, METHODS[method].config
     while name in classes:  # the subclass first: its annotation wins
         for n in classes[name].body:
             if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id not in types:
@@ -361,19 +355,19 @@ def trl_config_types(method: str) -> dict:
 def trl_config_default(method: str, key: str):
     """A field's default in a method's TRL config (subclass first), read from its source: the one place the
     app learns e.g. DPOConfig's beta or max_length when a recipe leaves them out."""
-    classes, name = _trl_classes(method), METHODS[method][1]
+    classes, name = _trl_classes(method), METHODS[method].config
     while name in classes:
         for n in classes[name].body:
             if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", None) == key and n.value is not None:
                 default = next((k.value for k in getattr(n.value, "keywords", []) if k.arg == "default"), n.value)
                 return ast.literal_eval(default)
         name = next((b.id for b in classes[name].bases if isinstance(b, ast.Name)), None)
-    raise KeyError(f"{METHODS[method][1]} has no field {key}")
+    raise KeyError(f"{METHODS[method].config} has no field {key}")
 
 
 def trl_text_fields(method: str) -> set[str]:
     """Fields of a method's TRL config that take text (an enum's name, e.g. eval_strategy) and no boolean."""
-    classes, fields, name = _trl_classes(method), set(), METHODS[method][1]
+    classes, fields, name = _trl_classes(method), set(), METHODS[method].config
     while name in classes:
         for n in classes[name].body:
             if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name):
@@ -391,7 +385,7 @@ def _trl_classes(method: str) -> dict:
     trl_dir = Path(importlib.util.find_spec("trl").origin).parent
     transformers_dir = Path(importlib.util.find_spec("transformers").origin).parent
     classes = {}
-    for source in (trl_dir / METHODS[method][0], trl_dir / "trainer" / "base_config.py",
+    for source in (trl_dir / METHODS[method].source, trl_dir / "trainer" / "base_config.py",
                    transformers_dir / "training_args.py"):
         for node in ast.parse(source.read_text()).body:
             if isinstance(node, ast.ClassDef):
@@ -402,7 +396,7 @@ def _trl_classes(method: str) -> dict:
 def trl_config_fields(method: str) -> set[str]:
     """The field names of a method's TRL config (e.g. DPOConfig), TrainingArguments' included.
     tests/test_recipes.py checks that this equals dataclasses.fields() of each imported class."""
-    classes, fields, name = _trl_classes(method), set(), METHODS[method][1]
+    classes, fields, name = _trl_classes(method), set(), METHODS[method].config
     while name in classes:  # DPOConfig -> _BaseConfig -> TrainingArguments
         cls = classes[name]
         fields |= {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)

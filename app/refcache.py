@@ -238,7 +238,7 @@ def attach_reference_log_probs(trainer, recipe, model_folder: Path | None, cache
     """Decide, then load or score the reference log-probs of the trainer's train and eval datasets, add them
     as TRL's columns and switch the trainer to them. Returns what happened, for train.json and the console."""
     args = trainer.args
-    setting = recipe.dpo.get("precompute_ref_log_probs", "auto")
+    setting = recipe.methods["dpo"].get("precompute_ref_log_probs", "auto")
     datasets = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
     datasets = {name: d for name, d in datasets.items() if d is not None and len(d)}
     shared = key_parts(trainer, model_folder, recipe) if setting is not False else None

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import yaml
 
-from app.benchmarks import headline, stderr_key
 from app.evaluate import preference_headline
 from app.gguf import gguf_type
 from app.runs import EXPORTS, write_text
@@ -51,7 +50,7 @@ def summarize_run(run: Path) -> dict | None:
 def benchmark_summary(evals: dict | None) -> dict:
     """The runs table's benchmark columns from eval.json: how many tasks, and the mean of each task's main
     metric for the base and the trained model (None without eval.json)."""
-    pairs = [(headline((evals.get("base_results") or {}).get(task, {})), headline(trained))
+    pairs = [(main_metric((evals.get("base_results") or {}).get(task, {})), main_metric(trained))
              for task, trained in (evals or {}).get("results", {}).items()]
     pairs = [(b, t) for b, t in pairs if b is not None and t is not None]
     if not pairs:
@@ -164,6 +163,18 @@ def benchmark_lines(evals: dict | None) -> list[str]:
             lines.append(f"| {task} | {metric} | {cells[0]} | {cells[1]} | {change} |"
                          + (f" {fmt_metric(gguf, metric)} |" if gguf_all else ""))
     return lines + [""]
+
+
+def stderr_key(metric: str) -> str:
+    """The name of a metric's standard error in `metrics`' output: acc -> acc_stderr, exact_match (strict) ->
+    exact_match_stderr (strict)."""
+    name, sep, where = metric.partition(" (")
+    return f"{name}_stderr{sep}{where}"
+
+
+def main_metric(task_metrics: dict) -> float | None:
+    """A task's first metric (lm-eval lists its main one first: acc before acc_norm), for the runs table."""
+    return next((v for k, v in task_metrics.items() if "_stderr" not in k), None)
 
 
 def fmt_metric(task_metrics: dict, metric: str) -> str:

@@ -7,7 +7,6 @@ step says step, loss, the method's accuracy and margin, tokens/s and peak memory
 held-out preference pairs are scored before and after (app/evaluate.py), whatever the method.
 """
 import functools
-import importlib
 import importlib.util
 import json
 import math
@@ -23,28 +22,23 @@ from app import AppError
 from app.alarms import MAX_PAIRS, data_alarms, length_alarms, reward_alarms, reward_trend, training_alarms
 from app.evaluate import (generate_replies, held_out_pairs, preference_headline, score_pairs_hf, score_pairs_reward,
                           summarize_scores, unsloth_inference)
-from app.model import load_rewards, local_model_folder
-from app.recipe import ONLINE, trl_config_default
+from app.model import local_model_folder
+from app.rewards import load_rewards
+from app.methods import METHODS
+from app.recipe import trl_config_default
 from app.progress import Progress
 from app.refcache import attach_reference_log_probs, reference_line
 from app.runs import checkpoint_step, last_checkpoint, write_json, write_text
-
-# method -> (module, config class, trainer class, whether the trainer takes ref_model=None: adapters off)
-TRAINERS = {"sft": ("trl", "SFTConfig", "SFTTrainer", False), "dpo": ("trl", "DPOConfig", "DPOTrainer", True),
-            "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer", False),
-            "kto": ("trl", "KTOConfig", "KTOTrainer", True), "reward": ("trl", "RewardConfig", "RewardTrainer", False),
-            "grpo": ("trl", "GRPOConfig", "GRPOTrainer", False), "rloo": ("trl", "RLOOConfig", "RLOOTrainer", False)}
-
 
 def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbacks):
     """The method's TRL trainer, its config built from the recipe's section of the same name."""
     import torch
 
-    module, config_class, trainer_class, takes_ref = TRAINERS[method]
-    module = importlib.import_module(module)
+    spec = METHODS[method]
+    config_class, trainer_class = spec.classes()
     # TRL's own defaults wherever Unsloth's generated config on a GPU would put its own, so that one recipe
     # trains alike on the CPU and on a GPU; the recipe's values win
-    fields = {**trl_defaults_unsloth_replaces(method), **getattr(recipe, method)}
+    fields = {**trl_defaults_unsloth_replaces(method), **recipe.methods[method]}
     if method == "dpo" and recipe.model.get("full_finetuning"):
         # no adapter to turn off: the reference is TRL's own, a second copy of the weights that it loads
         # (precompute_ref_log_probs false) or one pass of the starting weights before training (true, auto).
@@ -54,16 +48,16 @@ def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbac
         fields["precompute_ref_log_probs"] = fields.get("precompute_ref_log_probs", "auto") is not False and not launched
     elif method == "dpo":  # app/refcache.py scores the reference once and hands TRL its columns (see train())
         fields["precompute_ref_log_probs"] = False
-    args = getattr(module, config_class)(**{
+    args = config_class(**{
         "output_dir": str(run / "checkpoints"), "report_to": "none", "disable_tqdm": True,  # our bar, our lines
         # online methods generate their inputs: Trainer cannot count them (it warns at every step)
-        "include_num_input_tokens_seen": "no" if method in ONLINE else "non_padding", "save_total_limit": 2,
+        "include_num_input_tokens_seen": "no" if spec.online else "non_padding", "save_total_limit": 2,
         **mixed_precision(torch.cuda.is_available(), model.dtype), **fields})
-    extra = {"ref_model": None} if takes_ref else {}
-    if method in ONLINE:  # they sample replies to the prompts and learn from these scores (a beta > 0 makes
+    extra = {"ref_model": None} if spec.reference else {}
+    if spec.online:  # they sample replies to the prompts and learn from these scores (a beta > 0 makes
         # the model with adapters off their reference, as DPO's)
         extra["reward_funcs"], extra["reward_processing_classes"] = load_rewards(recipe)
-    trainer = getattr(module, trainer_class)(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+    trainer = trainer_class(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                                              processing_class=tokenizer, callbacks=callbacks, **extra)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; MetricsLog prints one line per log
     return trainer
@@ -134,7 +128,7 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
             reference = attach_reference_log_probs(trainer, recipe, local_model_folder(str(recipe.model["name"])))
     if reference and main:
         print(reference_line(reference))
-    args, causal = trainer.args, method != "reward"
+    args, causal = trainer.args, METHODS[method].chat_model
     # sft has none: its margins are reported at DPO's default beta (reward accuracy does not depend on it)
     beta = getattr(args, "beta", None) or trl_config_default("dpo", "beta")
 
@@ -204,7 +198,7 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
         "data": {"source": data.source, "format": data.format, "rows": data.rows, "dropped": data.dropped,
                  "train": len(data.train), "eval": 0 if data.eval is None else len(data.eval)},
         "replies": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(probes, before, after)],
-        "reward_trend": reward_trend(records) if method in ONLINE else None,
+        "reward_trend": reward_trend(records) if METHODS[method].online else None,
     }
 
 

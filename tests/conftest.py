@@ -15,13 +15,32 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from app.runs import EXPORTS  # noqa: E402
 
 
+# fixtures that train, build or export a model: a test that uses one is in the slow tier (make test-fast leaves
+# it out)
+TRAINING_FIXTURES = {"tiny_run", "reward_run", "new_runs", "smollm2_run", "tiny_model"}
+SLOW_SELECTED = True  # whether this session runs any slow test (pytest_collection_finish says)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_collection_finish(session):
+    global SLOW_SELECTED
+    SLOW_SELECTED = any(item.get_closest_marker("slow") for item in session.items)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def unsloth_first():
     """Unsloth before any test imports transformers, TRL or PEFT, as in the app (it patches them on import);
     at the first test, not at collection, so `pytest --collect-only` and -k selections start at once. Test
-    modules import those libraries inside their tests only."""
-    from app.model import import_unsloth
-    import_unsloth()
+    modules import those libraries inside their tests only. A session of fast tests only (make test-fast)
+    trains nothing and skips the import (~20 s)."""
+    if SLOW_SELECTED:
+        from app.model import import_unsloth
+        import_unsloth()
 
 TINY_STEPS = 60  # the recipe's own: the suite checks the run `make dpo` shows a newcomer
 

@@ -1,11 +1,13 @@
 """Held-out scoring in batches gives each pair the scores it gets alone (padding after a sequence cannot
 change its causal logits): float32 tiny model, 1e-4 nats, whatever the batch holds."""
+import pytest
 import torch
 
 from app import evaluate
 from app.evaluate import held_out_pairs, score_pairs_hf
 
 
+@pytest.mark.slow  # builds the tiny model when it is not built yet (3 minutes)
 def test_batched_scores_equal_one_sequence_at_a_time(monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -14,7 +14,7 @@ from app.progress import Progress, read_events, stage_seconds
 
 def test_without_a_gpu_one_error_line_and_exit_2():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU even on a machine that has one
-    proc = subprocess.run([sys.executable, "-m", "app.gpucheck"], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "app", "gpu-check"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.splitlines()
@@ -57,7 +57,7 @@ def test_its_recipe_loads_and_the_memory_planner_reads_it(tmp_path):
     (model / "config.json").write_text(json.dumps(SHAPES["gpu-check"]))
     recipe = load_recipe(str(write_recipe(tmp_path / "gpu-check.yaml", model, dry_run=False)))
     assert recipe.model["load_in_4bit"] is True and recipe.model["dtype"] is None
-    assert recipe.dpo["max_steps"] == STEPS == 10 and recipe.dpo["max_length"] == 512
+    assert recipe.methods["dpo"]["max_steps"] == STEPS == 10 and recipe.methods["dpo"]["max_length"] == 512
     assert recipe.export["gguf"] == ["f16", "q4_k_m"]
     assert 1.0 < estimate_training_memory(recipe).total < 4.0  # GiB: 0.14B, mostly embeddings, + 1 GiB of context
 

@@ -1,5 +1,4 @@
 """The memory planner: arithmetic on the architecture, no GPU needed (none was available when it was written)."""
-import dataclasses
 
 import pytest
 
@@ -48,7 +47,7 @@ def test_8b_in_4bit_at_batch_2_by_1024_is_plausible():
     both alive (the worst case below), the sum stays under 14 GiB, and QLoRA DPO of an 8B at this shape is
     what 16 GB cards are used for."""
     recipe = load_recipe("llama3-8b")
-    assert (recipe.dpo["per_device_train_batch_size"], recipe.dpo["max_length"]) == (2, 1024)
+    assert (recipe.methods["dpo"]["per_device_train_batch_size"], recipe.methods["dpo"]["max_length"]) == (2, 1024)
     est = estimate_training_memory(recipe)
     worst = estimate_training_memory(recipe, chunked=False)
     assert 5.0 < est.weights < 5.6
@@ -66,17 +65,17 @@ def test_precomputed_reference_leaves_the_reference_pass_out():
 
 def test_fit_picks_a_smaller_batch_for_a_smaller_budget_and_keeps_the_effective_batch():
     recipe = load_recipe("llama3-8b")  # batch 2 x accumulation 4
-    before = dataclasses.replace(recipe, dpo=dict(recipe.dpo))
+    before = dict(recipe.methods["dpo"])
     picked = {}
     for budget in (80, 12, 9):
         changes, sentence = fit_to_memory(recipe, budget)
-        dpo = {**recipe.dpo, **changes}
+        dpo = {**recipe.methods["dpo"], **changes}
         picked[budget] = dpo["per_device_train_batch_size"]
         assert dpo["per_device_train_batch_size"] * dpo["gradient_accumulation_steps"] == 8, sentence
         assert "fits" in sentence and "NOT" not in sentence, sentence
         assert estimate_training_memory(recipe, batch=picked[budget]).total <= budget
     assert picked[80] > picked[12] > picked[9] == 1, picked
-    assert recipe.dpo == before.dpo  # pure: the caller applies the changes
+    assert recipe.methods["dpo"] == before  # pure: the caller applies the changes
 
 
 def test_fit_sets_precompute_when_even_batch_1_does_not_fit():
@@ -98,7 +97,7 @@ def test_full_finetuning_counts_every_weight_and_the_reference_copy_only_without
     lora = load_recipe("smollm3-3b")
     full = load_recipe("smollm3-3b", ["model.full_finetuning=true"])
     arch, _ = architecture(full)
-    optimizer = 2 if "8bit" in str(full.dpo.get("optim", "")) else 8
+    optimizer = 2 if "8bit" in str(full.methods["dpo"].get("optim", "")) else 8
     copy = estimate_training_memory(full, precompute_ref=False)
     once = estimate_training_memory(full, precompute_ref=True)
     assert copy.weights * 2**30 == pytest.approx(arch.params * 2)  # bf16, every weight

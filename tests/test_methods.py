@@ -4,7 +4,6 @@ sft, orpo and kto produce a causal LM, so they also go through export and smoke 
 produces a scorer. Each test removes its run folders."""
 import json
 import os
-import shutil
 
 import pytest
 

@@ -77,7 +77,7 @@ def test_a_run_that_is_not_a_reward_run_is_refused_before_anything_loads(tiny_ru
 ])
 def test_a_reward_functions_file_that_cannot_serve_is_one_sentence(code, message, tmp_path):
     from app import AppError
-    from app.model import load_reward_functions
+    from app.rewards import load_reward_functions
     path = tmp_path / "rewards.py"
     path.write_text(code)
     with pytest.raises(AppError, match=re.escape(message)):

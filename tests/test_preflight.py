@@ -36,6 +36,7 @@ def assert_one_sentence(error: AppError, *words):
         assert word in text, text
 
 
+@pytest.mark.slow  # builds the tiny model when it is not built yet (3 minutes)
 def test_passes_on_tiny(tmp_path):
     """Twice: the first run checks the tokenizer in the child process; the second finds the result cached."""
     ensure_model()
@@ -82,6 +83,7 @@ def test_too_little_disk(monkeypatch):
     assert_one_sentence(e.value, "0.0 GiB free", "merged 16-bit weights", "free some space")
 
 
+@pytest.mark.slow  # builds the tiny model when it is not built yet (3 minutes)
 def test_a_chat_template_without_eos(tmp_path):
     tiny = ensure_model()
     folder = tmp_path / "no-eos"
@@ -94,6 +96,7 @@ def test_a_chat_template_without_eos(tmp_path):
     assert_one_sentence(e.value, "does not end the assistant's reply", "</s>", "model.chat_template")
 
 
+@pytest.mark.slow  # builds the tiny model when it is not built yet (3 minutes)
 def test_an_unknown_bpe_pre_tokenizer(tmp_path):
     """A home-trained byte-level BPE tokenizer: llama.cpp's converter does not know its pre-tokenizer, which
     export would find out only after training."""
@@ -158,8 +161,8 @@ def test_gpu_memory_check_and_auto_fit_without_a_gpu():
     assert "auto_fit: batch 1 x accumulation 8" in line and "fits" in line, line
     assert changes == {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 8}
     fitted = with_training_changes(recipe, changes)  # returned for the caller to apply (pipeline.train_recipe)
-    assert (fitted.dpo["per_device_train_batch_size"], fitted.dpo["gradient_accumulation_steps"]) == (1, 8)
-    assert recipe.dpo["per_device_train_batch_size"] == 2  # the recipe given is not changed
+    assert (fitted.methods["dpo"]["per_device_train_batch_size"], fitted.methods["dpo"]["gradient_accumulation_steps"]) == (1, 8)
+    assert recipe.methods["dpo"]["per_device_train_batch_size"] == 2  # the recipe given is not changed
 
     plain = load_recipe("llama3-8b")
     with pytest.raises(AppError) as e:

@@ -11,7 +11,6 @@ and tests/test_methods.py's.
 """
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 

@@ -45,6 +45,7 @@ FAMILIES = {"llama3": ("llama", llama3_instruct_tokenizer, "ggml-vocab-llama-bpe
             "qwen2": ("qwen2", qwen2_tokenizer, "ggml-vocab-qwen2.gguf")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_real_tokenizer_family_goes_through_export_and_smoke(family, tmp_path):
     import_unsloth()  # first, as in the app

@@ -138,7 +138,7 @@ fi
 stamp "gpu-check$([ "$DRY" = 1 ] && echo ' --dry-run')"
 rm -rf .cache/gpu-check/last-run  # a failed check must not leave the last one's files to be copied
 CHECK_TIMEOUT=$(( $(left) - 90 < 360 ? $(left) - 90 : 360 ))  # leave the speed benchmark a minute and a half
-"$PY" -m app.gpucheck $([ "$DRY" = 1 ] && echo --dry-run) --out "$OUT_DIR/gpu-check.json" --timeout "$CHECK_TIMEOUT"
+"$PY" -m app gpu-check $([ "$DRY" = 1 ] && echo --dry-run) --out "$OUT_DIR/gpu-check.json" --timeout "$CHECK_TIMEOUT"
 CHECK=$?
 # xformers built for another torch should only make Unsloth fall back to SDPA; if Unsloth's import itself broke
 # with it installed, check again without it (the first report is kept as gpu-check-with-xformers.json)
@@ -153,7 +153,7 @@ then
   [ -f "$OUT_DIR/gpu-check.json" ] && mv "$OUT_DIR/gpu-check.json" "$OUT_DIR/gpu-check-with-xformers.json"
   "$PY" -m pip uninstall -y -q xformers
   if [ "$(left)" -gt 150 ]; then
-    "$PY" -m app.gpucheck --out "$OUT_DIR/gpu-check.json" --timeout $(( $(left) - 30 ))
+    "$PY" -m app gpu-check --out "$OUT_DIR/gpu-check.json" --timeout $(( $(left) - 30 ))
     CHECK=$?
   else
     SKIPPED+=("gpu-check without xformers: $(left) s left of the ${BUDGET} s budget")
