@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from app import ROOT
+from app.generate import CONTEXT
 from app.report import fmt_num, fmt_pct, read_json
 from app.runs import write_text
 
@@ -138,7 +139,7 @@ def usage_lines(kind: str, facts: dict) -> list[str]:
     return ["## Use", "", f"Files: {', '.join(facts['ggufs'])}; each holds its chat template.", "",
             "llama.cpp, a chat in the terminal:", "", "```sh", f"llama-cli -m {gguf} -cnv", "```", "",
             "llama-cpp-python:", "", "```python", "from llama_cpp import Llama",
-            f'llm = Llama(model_path="{gguf}", n_ctx=2048)',
+            f'llm = Llama(model_path="{gguf}", n_ctx={CONTEXT})',
             'print(llm.create_chat_completion(messages=[{"role": "user", "content": "Hello!"}]))', "```", "",
             f"Ollama, from this folder (the Modelfile names {gguf}" + (" and holds the chat template):" if
                                                                          facts["chat_family"] else "):"), "",

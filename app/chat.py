@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from app import AppError
-from app.gguf import open_gguf
+from app.generate import CONTEXT, GGUFModel, Sampling, with_system
 
 HELP = "/reset clears the conversation, /system TEXT replaces the system prompt, /quit leaves"
 
@@ -38,15 +38,15 @@ def recipe_system(gguf: Path) -> str | None:
 
 
 def chat(gguf: Path, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7,
-         top_p: float = 0.95, seed: int = 0, n_ctx: int = 2048):
+         top_p: float = 0.95, seed: int = 0, n_ctx: int = CONTEXT):
     """The conversation loop. `system` None means the recipe's; "" means none."""
     if not 0 < max_tokens < n_ctx:
         raise AppError(f"--max-tokens {max_tokens} must be positive and leave room for the prompt in the "
                        f"context of {n_ctx} tokens (--ctx)")
     system = recipe_system(gguf) if system is None else system or None
-    llm = open_gguf(gguf, n_ctx=n_ctx, verbose=False, seed=seed)
-    count = prompt_counter(llm)
-    sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    model = GGUFModel(gguf, n_ctx=n_ctx, seed=seed)
+    count = model.prompt_tokens
+    sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     interactive = sys.stdin.isatty()
     turns = []  # user and assistant messages, alternating; the system prompt is kept apart
     if interactive:
@@ -62,9 +62,9 @@ def chat(gguf: Path, system: str | None = None, max_tokens: int = 256, temperatu
         except AppError as e:
             complain(str(e), interactive)
             continue
-        reply = stream_reply(llm, with_system(system, turns), sampling, interactive)
+        reply = stream_reply(model, with_system(system, turns), sampling, interactive)
         turns.append({"role": "assistant", "content": reply})
-    llm.close()
+    model.close()
 
 
 def read_lines(interactive: bool):
@@ -105,35 +105,6 @@ def complain(message: str, interactive: bool):
     print(f"error: {message}", file=sys.stderr)
 
 
-def with_system(system: str | None, turns: list[dict]) -> list[dict]:
-    return ([{"role": "system", "content": system}] if system else []) + turns
-
-
-def prompt_counter(llm):
-    """A function: messages -> how many tokens the prompt create_chat_completion builds from them has. Like
-    llama-cpp-python's chat handler: the GGUF's template rendered (with the generation prompt) and tokenized
-    with special tokens parsed, BOS only where the template writes it; without a template, the llama-2
-    format it falls back to."""
-    from llama_cpp import llama_chat_format
-
-    def text(token: int) -> str:
-        return llm.detokenize([token], special=True).decode(errors="replace") if token >= 0 else ""
-
-    template = llm.metadata.get("tokenizer.chat_template")
-    if template:
-        render = llama_chat_format.Jinja2ChatFormatter(template, text(llm.token_eos()), text(llm.token_bos()))
-    else:
-        render = llama_chat_format.format_llama2
-
-    def count(messages: list[dict]) -> int:
-        try:
-            result = render(messages=messages)
-        except Exception as e:  # raise_exception() in the template (e.g. no system role), or a Jinja error
-            raise AppError(f"the chat template refused the conversation: {e}") from None
-        return len(llm.tokenize(result.prompt.encode(), add_bos=not result.added_special, special=True))
-    return count
-
-
 def fit_history(count, system: str | None, turns: list[dict], max_tokens: int, n_ctx: int) -> list[dict]:
     """`turns` (ending with the new user message) without its oldest user/assistant pairs, as many as must
     go for the prompt plus max_tokens to fit n_ctx; when the new message alone is too long, its most recent
@@ -172,18 +143,16 @@ def keep_the_end(count, system: str | None, message: dict, max_tokens: int, n_ct
     return {**message, "content": text[low:]}
 
 
-def stream_reply(llm, messages: list[dict], sampling: dict, interactive: bool) -> str:
+def stream_reply(model: GGUFModel, messages: list[dict], sampling: Sampling, interactive: bool) -> str:
     """Print the reply as it comes and return it. The chat handler stops at the model's EOS/end of turn.
     In a terminal Ctrl-C stops the reply (the part said so far stays in the conversation)."""
     pieces, t0, first = [], time.time(), None
     print("assistant> " if interactive else "", end="", flush=True)
     try:
-        for chunk in llm.create_chat_completion(messages=messages, stream=True, **sampling):
-            piece = chunk["choices"][0]["delta"].get("content")
-            if piece:
-                first = first or time.time()
-                pieces.append(piece)  # a chunk per generated token (a split UTF-8 character waits for the next)
-                print(piece, end="", flush=True)
+        for piece in model.stream(messages, sampling):
+            first = first or time.time()
+            pieces.append(piece)
+            print(piece, end="", flush=True)
     except KeyboardInterrupt:
         if not interactive:
             raise

@@ -39,6 +39,7 @@ import typing
 from pathlib import Path
 
 from app import AppError
+from app.generate import CONTEXT
 from app.methods import METHODS
 
 
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     gguf = argparse.ArgumentParser(add_help=False)
     gguf.add_argument("target", nargs="?", default="latest", help="a run folder or name, or a .gguf file")
     gguf.add_argument("--quant", help="which GGUF of the run (f16, q8_0, q4_k_m, ...)")
-    gguf.add_argument("--ctx", type=int, default=2048, help="context size in tokens (prompt, history and reply)")
+    gguf.add_argument("--ctx", type=int, default=CONTEXT, help="context size in tokens (prompt, history and reply)")
     p = sub.add_parser("chat", parents=[gguf], help="chat with a run's GGUF (or a .gguf file)")
     p.add_argument("--system", help="a system prompt (default: the run's export.system; '' for none)")
     p.add_argument("--max-tokens", type=int, default=256, help="the longest reply, in tokens")

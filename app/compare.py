@@ -9,13 +9,11 @@ compare.md.
 from pathlib import Path
 
 from app import AppError
-from app.chat import prompt_counter, with_system
 from app.data import read_prompts
 from app.export import BASE_GGUF
-from app.gguf import find_gguf, open_gguf
+from app.generate import CONTEXT, GGUFModel, Sampling, TransformersModel
+from app.gguf import find_gguf
 from app.runs import rewriting_finished_run, write_text
-
-N_CTX = 2048  # tokens of prompt and reply, as chat's default --ctx
 
 
 def compare_run(run: Path, prompts_file: Path | None = None, max_tokens: int = 128, quant: str | None = None,
@@ -23,8 +21,8 @@ def compare_run(run: Path, prompts_file: Path | None = None, max_tokens: int = 1
     """{prompt, base, aligned} per prompt; writes compare.md and prints the table."""
     from app.recipe import load_recipe
 
-    if not 0 < max_tokens < N_CTX:
-        raise AppError(f"--max-tokens {max_tokens} must be positive and below the context of {N_CTX} tokens")
+    if not 0 < max_tokens < CONTEXT:
+        raise AppError(f"--max-tokens {max_tokens} must be positive and below the context of {CONTEXT} tokens")
     recipe = load_recipe(str(run / "recipe.yaml"))
     prompts = read_prompts(Path(prompts_file)) if prompts_file else list(recipe.export["probes"])
     system = recipe.export.get("system") or None
@@ -48,34 +46,20 @@ def compare_run(run: Path, prompts_file: Path | None = None, max_tokens: int = 1
 
 def gguf_replies(gguf: Path, prompts, system: str | None, max_tokens: int) -> list[str]:
     """Greedy one-turn replies through llama.cpp's chat completion with the GGUF's own template."""
-    llm = open_gguf(gguf, n_ctx=N_CTX, verbose=False, seed=0)
+    model = GGUFModel(gguf, n_ctx=CONTEXT)
     try:
-        count = prompt_counter(llm)
-        replies = []
-        for prompt in prompts:
-            messages = with_system(system, [{"role": "user", "content": prompt}])
-            if (used := count(messages)) + max_tokens > N_CTX:
-                raise AppError(f"the prompt '{prompt[:40]}' takes {used} tokens; with --max-tokens {max_tokens} "
-                               f"it does not fit the context of {N_CTX}")
-            reply = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=max_tokens,
-                                               seed=0)
-            replies.append(reply["choices"][0]["message"]["content"].strip())
-        return replies
+        return model.replies_to(prompts, Sampling(max_tokens=max_tokens), system)
     finally:
-        llm.close()
+        model.close()
 
 
 def transformers_replies(recipe, prompts, system: str | None, max_tokens: int) -> tuple[str, list[str]]:
     """(the base's source, its greedy replies) with the recipe's tokenizer and chat template."""
-    from app.evaluate import generate_replies
     from app.model import load_tokenizer, resolve_model_source
 
     source = resolve_model_source(recipe)  # imports Unsloth, which must come before transformers
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(recipe)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", device_map="auto").eval()
-    return source, generate_replies(model, tokenizer, prompts, max_tokens, system)
+    model = TransformersModel.load(source, load_tokenizer(recipe))
+    return source, model.replies_to(prompts, Sampling(max_tokens=max_tokens), system)
 
 
 def format_markdown(run_name: str, rows, labels: dict, system: str | None, max_tokens: int) -> str:

@@ -165,20 +165,3 @@ def unsloth_inference(model):
         yield model
     finally:
         FastLanguageModel.for_training(model)
-
-
-def generate_replies(model, tokenizer, prompts, max_new_tokens=64, system: str | None = None) -> list[str]:
-    """Greedy replies through the chat template (the probes, before and after training; the base in
-    `compare`), each a one-turn chat after the system prompt if one is given."""
-    import torch
-
-    replies = []
-    for prompt in prompts:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"].to(model.device)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    return replies

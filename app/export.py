@@ -366,14 +366,6 @@ def eos_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys([tokenizer.eos_token_id, *ids]))
 
 
-def load_reference_model(model_dir: Path):
-    """A saved (merged) model at its own 16-bit dtype: no float32 copy of a big model. device_map="auto"
-    puts what fits on the GPU and the rest in CPU memory, so an 8B check after training does not run out
-    of GPU memory (it is slower)."""
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", device_map="auto").eval()
-
-
 def convert_to_gguf(merged: Path, out_dir: Path, stem: str, types, log=print) -> dict:
     """{type: path} for every requested GGUF type; each file appears only when complete. The converter and
     the quantizer run in child processes."""

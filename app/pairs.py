@@ -30,9 +30,9 @@ import yaml
 
 from app import AppError, repo_path
 from app.data import prompt_key, read_prompt_list
+from app.generate import Sampling
 
 MODES = ("reward", "constitution")
-N_CTX = 2048  # llama.cpp's context: prompt, answer, critique and revision, as chat's default --ctx
 DEFAULT_CONSTITUTION = "recipes/data/constitution.yaml"
 # the settings that change what a prompt's line says, by mode: a journal begun with others is not continued
 RESULT_SETTINGS = {"reward": ("reward_run", "samples", "min_gap"), "constitution": ("constitution",)}
@@ -190,69 +190,27 @@ def model_label(source) -> str:
     return f"recipe {value.name}: {value.model['name']} (transformers)"
 
 
-class GGUFWriter:
-    """Replies from a GGUF through llama.cpp's chat completion, with the file's own chat template."""
+def open_writer(source):
+    """The model that writes the replies: a GGUF through llama.cpp, or a recipe's model through transformers
+    (app/generate.py), each with its own chat template."""
+    from app.generate import GGUFModel, TransformersModel
 
-    def __init__(self, path: Path):
-        from app.chat import prompt_counter
-        from app.gguf import open_gguf
-
+    kind, value = source
+    if kind == "gguf":
         # llama-cpp-python's batch threads default to every core, and on a machine that is busy with other work
         # they wait on each other: 90 replies of tiny took 22-41 s that way against 1.8 s with one thread each
         # (2 cores, another process using both); OMP_NUM_THREADS, when set, is honoured
         threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, (os.cpu_count() or 2) // 2)
-        self.llm = open_gguf(path, n_ctx=N_CTX, verbose=False, seed=0, n_threads=threads,
-                             n_threads_batch=threads)
-        self.count = prompt_counter(self.llm)
+        return GGUFModel(value, threads=threads)
+    from app.model import check_model_environment, import_unsloth, load_tokenizer, resolve_model_source
 
-    def fits(self, messages, max_new_tokens: int) -> bool:
-        return self.count(messages) + max_new_tokens <= N_CTX
-
-    def replies(self, messages, n: int, seed: int, s: PairsSettings) -> list[str]:
-        return [self.llm.create_chat_completion(messages=messages, max_tokens=s.max_new_tokens, seed=seed + i,
-                                                temperature=s.temperature, top_p=s.top_p)
-                ["choices"][0]["message"]["content"].strip() for i in range(n)]
-
-    def close(self):
-        self.llm.close()
+    import_unsloth()  # before transformers, as everywhere else
+    check_model_environment(value)
+    return TransformersModel.load(resolve_model_source(value), load_tokenizer(value))
 
 
-class HFWriter:
-    """Replies from a recipe's model through transformers and the recipe's tokenizer and chat template."""
-
-    def __init__(self, recipe):
-        from app.model import check_model_environment, import_unsloth, load_tokenizer, resolve_model_source
-
-        import_unsloth()  # before transformers, as everywhere else
-        check_model_environment(recipe)
-        source = resolve_model_source(recipe)
-        from transformers import AutoModelForCausalLM
-
-        self.tokenizer = load_tokenizer(recipe)
-        self.model = AutoModelForCausalLM.from_pretrained(source, dtype="auto", device_map="auto").eval()
-
-    def ids(self, messages):
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                  return_dict=True)["input_ids"].to(self.model.device)
-
-    def fits(self, messages, max_new_tokens: int) -> bool:
-        return self.ids(messages).shape[1] + max_new_tokens <= self.model.config.max_position_embeddings
-
-    def replies(self, messages, n: int, seed: int, s: PairsSettings) -> list[str]:
-        import torch
-
-        ids = self.ids(messages)
-        torch.manual_seed(seed)
-        sampling = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p) if s.temperature else dict(
-            do_sample=False)
-        with torch.no_grad():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), num_return_sequences=n,
-                                      max_new_tokens=s.max_new_tokens, **sampling,
-                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
-        return [self.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True).strip() for row in out]
-
-    def close(self):
-        pass
+def sampling(s: PairsSettings, seed: int) -> Sampling:
+    return Sampling(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=seed)
 
 
 # one prompt: a pair, or the reason there is none
@@ -269,7 +227,7 @@ def reward_pair(messages, writer, scorer, seed: int, s: PairsSettings, base: dic
 
     if not writer.fits(messages, s.max_new_tokens):
         raise Dropped("longer than the context")
-    replies = list(dict.fromkeys(r for r in writer.replies(messages, s.samples, seed, s) if r))
+    replies = list(dict.fromkeys(r for r in writer.replies(messages, sampling(s, seed), s.samples) if r))
     if len(replies) < 2:
         raise Dropped("fewer than 2 different replies")
     scores = score_replies(*scorer, messages, replies)
@@ -293,7 +251,7 @@ def constitution_pair(messages, writer, principle: dict, seed: int, s: PairsSett
             conversation += [{"role": "assistant", "content": said[-1]}, {"role": "user", "content": request}]
         if not writer.fits(conversation, s.max_new_tokens):
             raise Dropped("longer than the context", provenance)
-        said.append(writer.replies(conversation, 1, seed + turn, s)[0])
+        said.append(writer.replies(conversation, sampling(s, seed + turn))[0])
         if not said[-1]:
             raise Dropped(f"empty {('answer', 'critique', 'revision')[turn]}", provenance)
     answer, critique, revision = said
@@ -307,7 +265,7 @@ def write_lines(journal: Path, settings: dict, todo, s: PairsSettings, source, j
     """Load the model (and the reward model), then one flushed journal line per prompt of `todo`."""
     from tqdm import tqdm
 
-    writer = GGUFWriter(source[1]) if source[0] == "gguf" else HFWriter(source[1])
+    writer = open_writer(source)
     base = {"mode": s.mode, "model": model_label(source)}
     if judge:
         from app.rewards import load_reward_run

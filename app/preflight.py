@@ -316,7 +316,8 @@ def evaluation_tokens(recipe, train_rows: int | None) -> dict:
     share = recipe.data["eval_share"]  # of all rows; train_rows is the rest
     pairs = min(recipe.data["eval_pairs"], max(1, round((train_rows or 0) * share / (1 - share))))
     pair = 2 * length  # chosen and rejected, prompt included
-    probes = len(recipe.export["probes"]) * 2 * 48  # prompt + reply twice, replies up to smoke's 48 tokens
+    from app.smoke import MAX_NEW_TOKENS
+    probes = len(recipe.export["probes"]) * 2 * MAX_NEW_TOKENS  # prompt + reply twice, replies up to smoke's cap
     return {"train": steps * batch * pair, "evaluate": 2 * pairs * pair,
             "smoke": (1 + len(recipe.export["gguf"])) * (pairs * pair + probes), "pairs": pairs}
 

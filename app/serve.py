@@ -17,12 +17,13 @@ from pathlib import Path
 
 from app import AppError
 from app.chat import run_of
+from app.generate import CONTEXT
 from app.gguf import check_gguf_file, gguf_load_error, gpu_layers
 
 logger = logging.getLogger(__name__)
 
 
-def serve(gguf: Path, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 2048, api_key: str | None = None,
+def serve(gguf: Path, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = CONTEXT, api_key: str | None = None,
           insecure: bool = False):
     """Serve until Ctrl-C (or SIGTERM): uvicorn finishes the requests under way, then returns."""
     exposure = exposure_verdict(host, api_key, insecure)
@@ -78,7 +79,7 @@ def server_app(gguf: Path, host: str, port: int, n_ctx: int, api_key: str | None
 
 
 @contextlib.contextmanager
-def background_server(gguf: Path, n_ctx: int = 2048):
+def background_server(gguf: Path, n_ctx: int = CONTEXT):
     """The same server on a free loopback port, in a thread, while the block runs; yields its base URL
     (http://127.0.0.1:PORT/v1). For `eval`: lm-eval talks to the GGUF as to any OpenAI-compatible API."""
     import threading

@@ -20,8 +20,9 @@ from transformers import PrinterCallback, TrainerCallback
 
 from app import AppError
 from app.alarms import MAX_PAIRS, data_alarms, length_alarms, reward_alarms, reward_trend, training_alarms
-from app.evaluate import (generate_replies, held_out_pairs, preference_headline, score_pairs_hf, score_pairs_reward,
-                          summarize_scores, unsloth_inference)
+from app.evaluate import (held_out_pairs, preference_headline, score_pairs_hf, score_pairs_reward, summarize_scores,
+                          unsloth_inference)
+from app.generate import Sampling, TransformersModel
 from app.model import local_model_folder
 from app.rewards import load_rewards
 from app.methods import METHODS
@@ -29,6 +30,9 @@ from app.recipe import trl_config_default
 from app.progress import Progress
 from app.refcache import attach_reference_log_probs, reference_line
 from app.runs import checkpoint_step, last_checkpoint, write_json, write_text
+
+PROBE_SAMPLING = Sampling(max_tokens=64)  # the probes' replies before and after training: greedy, 64 tokens
+
 
 def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbacks):
     """The method's TRL trainer, its config built from the recipe's section of the same name."""
@@ -139,7 +143,7 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     before, base_scores = [], []
     if main:
         with progress.stage("evaluation"), unsloth_inference(model) if causal else _no_grad():
-            before = generate_replies(model, tokenizer, probes)
+            before = TransformersModel(model, tokenizer).replies_to(probes, PROBE_SAMPLING)
             base_scores = score(model, pairs)
     if resume_from:
         if main:
@@ -176,7 +180,7 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
 
     # after
     with progress.stage("evaluation"), unsloth_inference(model) if causal else _no_grad():
-        after = generate_replies(model, tokenizer, probes)
+        after = TransformersModel(model, tokenizer).replies_to(probes, PROBE_SAMPLING)
         trained_scores = score(model, pairs)
     # DPO's implicit reward is measured against the base's log-probs; a reward model's scores are rewards already
     preference = {"base": summarize_scores(base_scores),
