@@ -58,15 +58,20 @@ def smoke_run(run: Path, probes, log=print) -> list[dict]:
     discard_manifest(run)  # smoke.json and the report change: the manifest is written again after them
     evaluation = run / "preference_eval.json"
     evaluation = json.loads(evaluation.read_text()) if evaluation.is_file() else {"pairs": [], "beta": None}
-    results = check_ggufs(run / "merged", ggufs, probes, evaluation["pairs"], log, beta=evaluation.get("beta"))
-    write_json(run / "smoke.json", {"passed": all(r["passed"] for r in results), "results": results})
+    reference = compute_reference(run / "merged", probes, evaluation["pairs"])
+    results = check_ggufs(run / "merged", ggufs, probes, evaluation["pairs"], log, beta=evaluation.get("beta"),
+                          reference=reference)
+    write_json(run / "smoke.json", {"passed": all(r["passed"] for r in results), "results": results,
+                                    "reference": {**reference["placement"], "seconds": reference["seconds"],
+                                                  "unsloth_imported": reference["unsloth_imported"]}})
     return results
 
 
-def check_ggufs(merged: Path, ggufs, probes, pairs=(), log=print, beta=None) -> list[dict]:
+def check_ggufs(merged: Path, ggufs, probes, pairs=(), log=print, beta=None, reference=None) -> list[dict]:
     """`pairs`: held-out preference pairs (token ids, and the base model's scores under "base"), scored by
-    the merged model and by each GGUF. A file that fails to load is a failed result, not the end."""
-    reference = compute_reference(merged, probes, pairs)
+    the merged model and by each GGUF; `reference`: compute_reference's, when it was computed already. A file
+    that fails to load is a failed result, not the end."""
+    reference = reference or compute_reference(merged, probes, pairs)
     log(f"  reference: the merged model in {reference['placement']['dtype']} on {reference['placement']['device']} "
         f"({reference['placement']['why']}), {reference['seconds']:.0f}s")
     results = []

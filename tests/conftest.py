@@ -17,7 +17,7 @@ from app.runs import EXPORTS  # noqa: E402
 
 # fixtures that train, build or export a model: a test that uses one is in the slow tier (make test-fast leaves
 # it out)
-TRAINING_FIXTURES = {"tiny_run", "reward_run", "new_runs", "smollm2_run", "tiny_model"}
+TRAINING_FIXTURES = {"tiny_run", "tiny_run_copy", "reward_run", "new_runs", "smollm2_run", "tiny_model"}
 SLOW_SELECTED = True  # whether this session runs any slow test (pytest_collection_finish says)
 
 
@@ -70,6 +70,20 @@ def reward_run(unsloth_first):
     (run,) = run_in_process(["reward", "tiny", "--set", f"reward.max_steps={REWARD_STEPS}"])
     yield run
     shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run):
+    """A copy of the session's tiny run inside exports/ (commands that write into a run only work there),
+    for a test that deletes or rewrites its files: the shared run stays as it is, whatever the test order."""
+    copy, latest = EXPORTS / f"{tiny_run.name}-copy-{os.getpid()}", EXPORTS / "latest"
+    old_latest = os.readlink(latest) if latest.is_symlink() else None
+    shutil.copytree(tiny_run, copy, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
+    yield copy
+    shutil.rmtree(copy, ignore_errors=True)
+    if old_latest:  # an export that passes moves exports/latest to the copy
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(old_latest)
 
 
 @pytest.fixture

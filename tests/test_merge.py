@@ -107,7 +107,7 @@ def test_rounding_passes_at_any_step_count_and_a_2x_adapter_fails():
     assert not shape["passed"] and "wrong shape" in shape["reason"]
 
 
-def test_export_and_smoke_never_touch_the_network(tiny_run, tmp_path, monkeypatch):
+def test_export_and_smoke_never_touch_the_network(tiny_run_copy, monkeypatch):
     """`export RUN` (reload, merge, convert, quantize, smoke) with every non-loopback connection refused."""
     import shutil
 
@@ -121,6 +121,6 @@ def test_export_and_smoke_never_touch_the_network(tiny_run, tmp_path, monkeypatc
     real_connect = socket.socket.connect
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # no offline flag to lean on
-    shutil.rmtree(tiny_run / "merged")
-    assert main(["export", str(tiny_run)]) == 0
-    assert (tiny_run / "merged" / "model.safetensors").is_file()
+    shutil.rmtree(tiny_run_copy / "merged")
+    assert main(["export", str(tiny_run_copy)]) == 0
+    assert (tiny_run_copy / "merged" / "model.safetensors").is_file()
