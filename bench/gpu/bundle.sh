@@ -145,12 +145,12 @@ echo "== checks"
 "$PY" - "$OUT" "$XFORMERS" <<'PYTHON'
 """Every requirement of every bundled wheel (Python 3.12, Linux x86-64, no extras) is in the bundle or on the
 GPU machine; the llama-cpp-python wheel's tags and build."""
-import re, sys, zipfile
-from email.parser import Parser
+import sys, zipfile
 from pathlib import Path
 
-from packaging.requirements import Requirement
+sys.path.insert(0, "bench/gpu")
 from packaging.utils import canonicalize_name, parse_wheel_filename
+from wheel_requires import bundled, requirements
 
 out, xformers = Path(sys.argv[1]), sys.argv[2] == "1"
 # the GPU machine's packages that the bundle relies on (its image's package list, 2026-11)
@@ -161,17 +161,12 @@ LEFT_OUT = {"hf-transfer": "a downloader; the machine is offline", "diffusers": 
             **({} if xformers else {"xformers": "XFORMERS=0"})}
 env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux", "platform_system": "Linux",
        "platform_machine": "x86_64", "implementation_name": "cpython", "platform_python_implementation": "CPython",
-       "os_name": "posix", "extra": ""}
-wheels = {canonicalize_name(parse_wheel_filename(w.name)[0]): w for w in out.glob("*.whl")}
+       "os_name": "posix"}
+wheels = bundled(out)
 have = set(wheels) | {canonicalize_name(n) for n in GPU_HAS}
 missing, skipped = [], set()
-for name, whl in sorted(wheels.items()):
-    z = zipfile.ZipFile(whl)
-    meta = Parser().parsestr(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode())
-    for line in meta.get_all("Requires-Dist") or []:
-        req = Requirement(line)
-        if req.marker and not req.marker.evaluate(env):
-            continue
+for name, (_, whl) in wheels.items():
+    for req in requirements(whl, env):
         dep = canonicalize_name(req.name)
         if dep in LEFT_OUT:
             skipped.add(f"{dep} ({LEFT_OUT[dep]})")

@@ -84,15 +84,14 @@ stamp "checks: torch's CUDA against bitsandbytes' libraries, every bundled wheel
 """What would break after minutes of work, said now: bitsandbytes carries CUDA libraries for some CUDA versions
 only; a requirement can be present in the wrong version; llama.cpp's CPU library needs the system's libgomp."""
 import ctypes.util, importlib.metadata, sys, zipfile
-from email.parser import Parser
 from pathlib import Path
 
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name, parse_wheel_filename
+sys.path.insert(0, "bench/gpu")
+from packaging.utils import canonicalize_name
+from wheel_requires import bundled, requirements
 
 wheels, dry = Path(sys.argv[1]), sys.argv[2] == "1"
-bundle = {canonicalize_name(parse_wheel_filename(w.name)[0]): (str(parse_wheel_filename(w.name)[1]), w)
-          for w in wheels.glob("*.whl")} if wheels.is_dir() else {}
+bundle = bundled(wheels)
 problems = []
 import torch
 cuda = torch.version.cuda
@@ -102,14 +101,8 @@ if bnb and cuda and not dry:
     if f"libbitsandbytes_cuda{cuda.replace('.', '')}.so" not in libs:
         problems.append(f"torch is built for CUDA {cuda} but the bundled bitsandbytes carries only {', '.join(libs)}: "
                         f"4-bit loading will fail; bundle.sh's KEEP_BNB must keep that CUDA's library")
-env = {"extra": ""}
-for name, (version, whl) in sorted(bundle.items()):
-    z = zipfile.ZipFile(whl)
-    meta = Parser().parsestr(z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode())
-    for line in meta.get_all("Requires-Dist") or []:
-        req = Requirement(line)
-        if req.marker and not req.marker.evaluate(env):
-            continue
+for name, (version, whl) in bundle.items():
+    for req in requirements(whl, {}):
         dep = canonicalize_name(req.name)
         try:
             have = bundle[dep][0] if dep in bundle else importlib.metadata.version(dep)
