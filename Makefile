@@ -120,7 +120,7 @@ bench: $(READY)
 
 # with the tensorboard extra, so that its test (a short run writing event files) runs here and in CI
 test: $(READY) $(VENV)/.extra-tensorboard
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # the fast tier: every test that trains and exports nothing (verdicts, recipes, planner, bad inputs), in a minute
 test-fast: $(READY)

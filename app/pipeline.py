@@ -243,6 +243,7 @@ def refresh_run_documents(run: Path) -> tuple[list[str], list[Path]]:
 
 
 def write_timings(run: Path, progress: Progress):
-    """timings.json: the wall seconds of each stage this command ran (a re-export has only its own)."""
+    """timings.json: the wall seconds of each stage this command ran (a re-export has only its own), the
+    stage writing it included."""
     from app.runs import write_json
-    write_json(run / "timings.json", progress.seconds)
+    write_json(run / "timings.json", progress.so_far())

@@ -16,6 +16,7 @@ class Progress:
     def __init__(self, path: str | None = None):
         self.path = path if path is not None else os.environ.get("PREFALIGN_PROGRESS")
         self.seconds: dict[str, float] = {}
+        self.started: dict[str, float] = {}  # the stages under way, so timings written inside one include it
         self.start = time.monotonic()
 
     def event(self, stage: str, what: str, **extra):
@@ -28,7 +29,7 @@ class Progress:
     @contextlib.contextmanager
     def stage(self, name: str):
         """Time the block as stage `name` (added up when a stage runs more than once)."""
-        t0 = time.monotonic()
+        t0 = self.started[name] = time.monotonic()
         self.event(name, "start")
         try:
             yield
@@ -36,11 +37,19 @@ class Progress:
             self.event(name, "failed", error=f"{type(e).__name__}: {e}"[:500])
             raise
         finally:
+            del self.started[name]
             self.add(name, time.monotonic() - t0)
         self.event(name, "end", seconds=round(time.monotonic() - t0, 1))
 
     def add(self, name: str, seconds: float):
         self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 1)
+
+    def so_far(self) -> dict[str, float]:
+        """{stage: seconds} of the stages that ended and, until now, of those under way."""
+        out = dict(self.seconds)
+        for name, t0 in self.started.items():
+            out[name] = round(out.get(name, 0.0) + time.monotonic() - t0, 1)
+        return out
 
     def line(self) -> str:
         """time: preflight 0.2s, load 31s, ... (total 380s)"""

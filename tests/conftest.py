@@ -51,6 +51,8 @@ def tiny_run(unsloth_first):
     latest = EXPORTS / "latest"
     old_latest = os.readlink(latest) if latest.is_symlink() else None
     (run,) = run_in_process(["dpo", "tiny", "--set", f"dpo.max_steps={TINY_STEPS}"])
+    # checked here, as later tests make runs of their own: a run whose GGUFs pass becomes exports/latest
+    assert os.path.realpath(latest) == str(run.resolve()), "exports/latest did not move to the new run"
     yield run
     shutil.rmtree(run, ignore_errors=True)
     if old_latest:

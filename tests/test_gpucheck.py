@@ -28,7 +28,7 @@ def test_failure_sentence_names_the_stage_and_the_last_error_line(tmp_path):
     """The stage comes from the pipeline's progress events (app/progress.py), as a real run writes them."""
     progress = Progress(str(tmp_path / "progress.jsonl"))
     with progress.stage("preflight"):
-        pass
+        assert set(progress.so_far()) == {"preflight"}  # timings.json written inside a stage counts it
     with pytest.raises(RuntimeError), progress.stage("training"):
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
     events = read_events(tmp_path / "progress.jsonl")

@@ -16,7 +16,7 @@ from app.runs import EXPORTS
 from tests.conftest import TINY_STEPS, read_jsonl, run_folders
 
 # The same computation up to the order of float sums (two per-rank means averaged, gradients all-reduced,
-# the LoRA weights in bfloat16): measured at most 2e-5 apart over the recipe's 60 steps, while the loss moves
+# the LoRA weights in bfloat16): measured at most 1.3e-5 apart up to the first short batch, while the loss moves
 # by 0.01 to 0.09 between logged steps. 2e-3 leaves room for rounding on another CPU, and still fails a run
 # whose ranks do not average their gradients (measured 0.008 to 0.045 apart from step 5 on).
 LOSS_TOLERANCE = 2e-3
@@ -31,13 +31,14 @@ def test_two_processes_at_batch_4_train_as_one_process_at_batch_8(tiny_run, new_
     two = [(r["step"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     one = [(r["step"], r["loss"]) for r in read_jsonl(tiny_run / "metrics.jsonl") if "loss" in r]
     assert [s for s, _ in two] == [s for s, _ in one] == list(range(5, TINY_STEPS + 1, 5))  # rank 0 alone logs
-    # an epoch's last batch is short (270 pairs: step 34 has 6), and there the two differ by design: one
-    # process trains on the 6, two on 4 + 2 padded with 2 repeated pairs (accelerate's even_batches); the
-    # logged mean over steps 31-35 moved 0.013 apart, and every later one agreed to 2e-5 again
+    # an epoch's last batch is short (270 pairs: step 34 has 6), and from there the two differ by design: one
+    # process trains on the 6, two on 4 + 2 padded with 2 repeated pairs (accelerate's even_batches), and the
+    # weights part for good (measured 0.002 to 0.02 apart afterwards, by machine). Before it the arithmetic is
+    # the same up to summation order: measured within 1.3e-5 over steps 5-30
     rows = json.loads((run / "train.json").read_text())["data"]["train"]
-    short = {k * -(-rows // 8) for k in range(1, TINY_STEPS)}
-    same = [(s, a, b) for (s, a), (_, b) in zip(two, one) if not any(s - 5 < k <= s for k in short)]
-    assert len(same) == len(two) - 1
+    first_short = -(-rows // 8)
+    same = [(s, a, b) for (s, a), (_, b) in zip(two, one) if s < first_short]
+    assert len(same) >= 5, (rows, two)
     worst = max(abs(a - b) for _, a, b in same)
     assert worst <= LOSS_TOLERANCE, f"2 processes x 4 and 1 x 8 differ by {worst}: {two} vs {one}"
     assert (run / "launch.log").is_file() and not list(run.glob("rank-*.error"))

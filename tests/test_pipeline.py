@@ -66,7 +66,7 @@ def test_run_folder_is_complete_and_manifest_is_true(tiny_run):
     for rel, entry in manifest["files"].items():
         assert (tiny_run / rel).stat().st_size == entry["bytes"], rel
     assert sha256(tiny_run / "gguf/tiny-f16.gguf") == manifest["files"]["gguf/tiny-f16.gguf"]["sha256"]
-    assert os.path.realpath(EXPORTS / "latest") == str(tiny_run.resolve())
+    # that exports/latest moved to it is checked by the tiny_run fixture, before other tests make runs
     assert not list(tiny_run.rglob("*.tmp"))
 
 
