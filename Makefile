@@ -43,8 +43,9 @@ READY := $(VENV)/.ready-$(LLAMA_BUILD)
 
 # the training methods, one target each: the names of app/methods.py's table
 METHODS := $(shell sed -n 's/^    Method."\([a-z0-9_]*\)".*/\1/p' app/methods.py)
+NOT_OFFERED := $(shell sed -n 's/^    "\([a-z0-9_]*\)": .*/\1/p' app/methods.py)
 
-.PHONY: setup gpu-check $(METHODS) preflight export smoke chat compare eval serve report runs recipes bench test test-fast clean
+.PHONY: setup gpu-check $(METHODS) $(NOT_OFFERED) preflight export smoke chat compare eval serve report runs recipes bench test test-fast clean
 
 setup: $(READY) $(foreach e,$(EXTRAS),$(VENV)/.extra-$(e))
 
@@ -74,6 +75,10 @@ $(VENV)/.extra-%: requirements-extras.txt $(READY)
 $(METHODS): $(READY)
 	$(PY) -m app $@ $(MODEL) $(if $(STEPS),--set $@.max_steps=$(STEPS)) $(foreach s,$(SET),--set $(s)) \
 	  $(if $(FIT),--set model.auto_fit=true) $(if $(RESUME),--resume $(RESUME)) $(if $(GPUS),--processes $(GPUS))
+
+# a method asked for that is not offered: the app says why in one sentence (app/methods.py NOT_OFFERED)
+$(NOT_OFFERED): $(READY)
+	@$(PY) -m app $@
 
 # versions, converter, tokenizer, data, disk, GPU memory in seconds (dpo runs the same checks first)
 preflight: $(READY)

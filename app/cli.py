@@ -40,7 +40,7 @@ from pathlib import Path
 
 from app import AppError
 from app.generate import CONTEXT
-from app.methods import METHODS
+from app.methods import METHODS, NOT_OFFERED
 
 
 def main(argv=None) -> int:
@@ -140,6 +140,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="also write the report as JSON to this file")
     p.add_argument("--timeout", type=float, default=1800, help="seconds the pipeline may take (default %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the check's run folder in exports/ (about 0.7 GB)")
+    command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), None)
+    if command in NOT_OFFERED:  # before argparse, whose "invalid choice" would not say why
+        print(f"error: {NOT_OFFERED[command]}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -44,3 +44,11 @@ METHODS = {m.name: m for m in (
            "trainer/rloo_config.py", "prompts", online=True),
 )}
 ONLINE = tuple(name for name, m in METHODS.items() if m.online)
+
+# Methods a user may ask for that are not offered, and why: one sentence, said by the CLI, `make` and a recipe.
+NOT_OFFERED = {
+    "ppo": "PPO is not offered: TRL removed its PPOTrainer and value-head models in huggingface/trl#7020 (the pinned "
+           "TRL 1.15 has neither), and a copy kept here would be a second training path nobody maintains; RLHF "
+           "against a reward model runs as `make rloo` or `make grpo` (README: Online methods), with a reward run "
+           "as the reward, as PPO would use it",
+}

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from app import ROOT, AppError, repo_path
-from app.methods import METHODS, ONLINE
+from app.methods import METHODS, NOT_OFFERED, ONLINE
 
 RECIPES = ROOT / "recipes"
 logger = logging.getLogger(__name__)
@@ -184,6 +184,9 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
         raise AppError(f"{path}: name {name!r} must be a plain name (letters, digits, '-', '_', '.'), not a path: "
                        f"run folders are made inside exports/")
     stages = raw.pop("stages", None) or ["dpo"]
+    asked = [s for s in (stages if isinstance(stages, list) else []) + list(raw) if s in NOT_OFFERED]
+    if asked:  # a `ppo:` section or stage: why not, rather than "unknown"
+        raise AppError(f"{path}: {asked[0]}: {NOT_OFFERED[asked[0]]}")
     if not isinstance(stages, list) or not stages or any(s not in METHODS for s in stages):
         raise AppError(f"{path}: stages must be a list of methods from {', '.join(METHODS)}, got {stages!r}")
     _check_keys(path, raw, "", SECTIONS)

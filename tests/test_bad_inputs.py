@@ -107,6 +107,8 @@ CASES = {
     "recipe: trust_remote_code not a bool": (recipe("trust_remote_code_text"),
                                              "model.trust_remote_code must be true or false, got 'sure'"),
     "recipe: unknown dtype": (recipe("dtype_unknown"), "model.dtype must be one of auto, float32"),
+    "method: ppo (not offered)": (["ppo", "tiny"], "PPO is not offered: TRL removed its PPOTrainer"),
+    "recipe: ppo section": (["dpo", BASE, "--set", "ppo.beta=0.1"], "base.yaml: ppo: PPO is not offered"),
     "recipe: unknown name": (["dpo", "no-such-recipe"], "no recipe named 'no-such-recipe'; recipes: "),
     "recipe: file missing": (recipe("no_such_file"), "no_such_file.yaml does not exist"),
     # data
