@@ -40,6 +40,8 @@ def test_a_recipe_with_a_base_overrides_it_key_by_key():
     assert recipe.stages == ["sft", "dpo"] and recipe.name == "tiny-sft-dpo"
     assert recipe.methods["sft"]["max_steps"] == 20 and recipe.methods["sft"]["learning_rate"] == load_recipe("tiny").methods["sft"]["learning_rate"]
     with pytest.raises(AppError, match="stages must be a list of methods"):
+        load_recipe_with_stages(["sft", "dpoo"])
+    with pytest.raises(AppError, match="ppo: PPO is not offered: TRL removed"):
         load_recipe_with_stages(["sft", "ppo"])
 
 
