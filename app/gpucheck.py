@@ -36,7 +36,7 @@ import time
 import warnings
 from pathlib import Path
 
-from app import ROOT, AppError
+from app import ROOT, AppError, child_env
 from app.progress import last_stage, read_events, stage_seconds
 from app.runs import EXPORTS
 
@@ -61,7 +61,7 @@ def run_gpu_check(dry_run: bool = False, log=print, out: Path | None = None, tim
     if not cuda["available"] and not dry_run:
         raise AppError(f"no CUDA GPU is visible to torch ({cuda['why']}); gpu-check needs one; on a CPU run `make dpo`")
     WORK.mkdir(parents=True, exist_ok=True)
-    env = child_env(dry_run)
+    env = gpucheck_env(dry_run)
     shape = SHAPE
     report = {"result": None, "reason": None, "dry_run": dry_run,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0)),
@@ -175,13 +175,9 @@ def describe_gpu(cuda: dict) -> str:
             f"bf16 {'yes' if cuda['bf16'] else 'no: fp16'}), torch {cuda['torch']} with CUDA {cuda['torch_cuda']}")
 
 
-def child_env(dry_run: bool) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    if dry_run:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path even where a GPU is present
-    return env
+def gpucheck_env(dry_run: bool) -> dict:
+    # dry run: the CPU path even where a GPU is present
+    return child_env(PYTHONUNBUFFERED="1", **({"CUDA_VISIBLE_DEVICES": ""} if dry_run else {}))
 
 
 def build_shape(shape: str, env: dict, log) -> Path:

@@ -13,7 +13,6 @@ has a status, "passed" or "failed", and the sentence to show.
 """
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from app import ROOT, AppError
+from app import ROOT, AppError, child_env
 
 logger = logging.getLogger(__name__)
 PROBE_TIMEOUT = 300  # seconds; a named Unsloth chat template imports Unsloth in the child (~20 s)
@@ -57,9 +56,7 @@ class Probe:
                 "llamacpp_home": str(llamacpp_home), "out": str(self.tmp / "result.json"),
                 "step": str(self.tmp / "step.txt")}
         (self.tmp / "spec.json").write_text(json.dumps(spec))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-               "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+        env = child_env(TRANSFORMERS_VERBOSITY="error")
         self.log = open(self.tmp / "child.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "app.preflight_child", str(self.tmp / "spec.json")],
                                      cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,

@@ -24,16 +24,15 @@ Every file is checked, and smoke.json written, even when one of them fails or ca
 """
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from app import ROOT, AppError
+from app import ROOT, AppError, child_env
 from app.evaluate import decision_agreement, score_pairs_gguf, score_pairs_hf, summarize_scores
-from app.gguf import EXACT, THRESHOLDS, check_gguf_file, gguf_type, open_gguf
+from app.gguf import EXACT, THRESHOLDS, GiB, check_gguf_file, gguf_type, open_gguf
 from app.runs import discard_manifest, write_json
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,6 @@ logger = logging.getLogger(__name__)
 MAX_NEW_TOKENS = 48
 PAIR_TIE = 0.05  # nats: a held-out pair whose log-prob margin is this close to zero may flip by rounding
 NOISE_SIGMAS = 3  # a quantized file's top-2 swap is plausible within 3 standard deviations of its error, each side
-GiB = 2**30
 # what the reference needs beyond its weights: activations, the logits of a scoring batch (app/evaluate.py
 # LOGITS_BYTES) and the greedy replies' cache; and what a machine keeps for everything else
 REFERENCE_HEADROOM = 1.0 * GiB
@@ -117,8 +115,7 @@ def compute_reference(merged: Path, probes, pairs=()) -> dict:
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"merged": str(merged), "probes": list(probes), "pairs": list(pairs),
                                     "out": tmp}))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-               "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+        env = child_env(TRANSFORMERS_VERBOSITY="error")
         try:
             proc = subprocess.run([sys.executable, "-m", "app.smoke", str(spec)], cwd=ROOT, env=env,
                                   capture_output=True, text=True, timeout=REFERENCE_TIMEOUT)
