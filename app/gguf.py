@@ -145,8 +145,9 @@ def open_gguf(path: Path, n_gpu_layers: int | str = "auto", **kwargs):
     try:
         return Llama(model_path=str(path), n_gpu_layers=n_gpu_layers, **kwargs)
     except ValueError as e:
-        if n_gpu_layers == 0 or gguf_load_error(path, e, kwargs.get("n_ctx")) is None:
-            raise gguf_load_error(path, e, kwargs.get("n_ctx")) or e from None
+        error = gguf_load_error(path, e, kwargs.get("n_ctx"))
+        if n_gpu_layers == 0 or error is None:
+            raise error or e from None
         logger.warning(f"llama.cpp could not fit {path.name} on the GPU ({e}): out of GPU memory; running it on "
                        f"the CPU instead (slower)")
     try:

@@ -201,7 +201,7 @@ def score_reference(trainer, dataset, batch_size: int, name: str = "train", log=
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=trainer.data_collator, shuffle=False)
     chosen, rejected = [], []
     t0 = last = time.monotonic()
-    tokens = 0
+    tokens = done = 0
     log(f"reference log-probs: scoring {len(dataset)} {name} pairs once, {batch_size} at a time")
     with tqdm(total=len(dataset), desc=f"reference ({name})", unit="pair", leave=False) as bar:
         for batch in loader:
@@ -210,7 +210,7 @@ def score_reference(trainer, dataset, batch_size: int, name: str = "train", log=
             chosen.append(c.float().cpu())
             rejected.append(r.float().cpu())
             tokens += sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and isinstance(v, torch.Tensor))
-            done, now = sum(len(x) for x in chosen), time.monotonic()
+            done, now = done + len(c), time.monotonic()
             bar.update(len(c))
             bar.set_postfix_str(f"{tokens / (now - t0):,.0f} tok/s")
             if bar.disable and now - last > 60 and done < len(dataset):

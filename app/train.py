@@ -62,7 +62,7 @@ def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbac
         # the model with adapters off their reference, as DPO's)
         extra["reward_funcs"], extra["reward_processing_classes"] = load_rewards(recipe)
     trainer = trainer_class(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                                             processing_class=tokenizer, callbacks=callbacks, **extra)
+                            processing_class=tokenizer, callbacks=callbacks, **extra)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; MetricsLog prints one line per log
     return trainer
 

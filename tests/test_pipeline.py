@@ -1,6 +1,5 @@
 """The whole pipeline on the tiny recipe: DPO trains, the export is complete, llama.cpp proves every GGUF."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +7,7 @@ from pathlib import Path
 from safetensors.torch import load_file  # the adapter is bfloat16, which numpy has no type for
 
 from app import ROOT
-from app.runs import EXPORTS, sha256
+from app.runs import sha256
 from tests.conftest import TINY_STEPS, read_jsonl
 
 
