@@ -45,7 +45,7 @@ def evaluate_run(run: Path, tasks: list[str] | None = None, limit: int | None = 
     writes eval.json, then the report, the model cards and the manifest again. Returns eval.json's content."""
     from app.gguf import find_gguf
     from app.pipeline import refresh_run_documents
-    from app.recipe import load_recipe
+    from app.recipe import run_recipe
     from app.runs import rewriting_finished_run, write_json
 
     if not (run / "merged" / "config.json").is_file():
@@ -53,14 +53,14 @@ def evaluate_run(run: Path, tasks: list[str] | None = None, limit: int | None = 
                        f"export it with: python -m app export {run.name}")
     if limit is not None and limit <= 0:
         raise AppError(f"--limit {limit} must be a positive number of items")
-    recipe = load_recipe(str(run / "recipe.yaml"))
+    recipe = run_recipe(run)
     if not tasks:  # the recipe's eval section (its defaults: app/recipe.py EvalSection)
-        tasks, limit = list(recipe.eval["tasks"]), limit or recipe.eval["limit"]
+        tasks, limit = list(recipe.eval.tasks), limit or recipe.eval.limit
     go_offline_without_hub()  # before lm-eval imports datasets, which reads these settings once
     manager = task_manager(tasks)
     loaded = load_tasks(manager, tasks)
     names = [name for kinds in loaded.values() for name in kinds]
-    base, base_source = str(recipe.model["name"]), base_model_source(recipe)
+    base, base_source = recipe.model.name, base_model_source(recipe)
     gguf_file = find_gguf(str(run), gguf or None) if gguf is not None else None
     what = f"first {limit} items" if limit else "every item"
     log(f"eval: {', '.join(names)} ({what} of each) with lm-eval; trained: {run.name}/merged; base: {base_source}")
@@ -142,7 +142,7 @@ def base_model_source(recipe) -> str:
     hub id, which must be cached when the hub cannot be reached."""
     from app.model import BUILT, local_model_folder, offline, resolve_model_source
 
-    name = str(recipe.model["name"])
+    name = recipe.model.name
     if name not in BUILT and local_model_folder(name) is None and offline():
         raise AppError(f"the base model '{name}' is not in the local Hugging Face cache and the hub cannot be "
                        f"reached, so it cannot be evaluated beside the trained one")

@@ -8,8 +8,6 @@ links them), so tiny, local folders and local data files are described in the te
 import re
 from pathlib import Path
 
-import yaml
-
 from app import ROOT
 from app.generate import CONTEXT
 from app.report import fmt_num, fmt_pct, read_json
@@ -30,21 +28,21 @@ def write_model_card(run: Path) -> list[Path]:
 def read_run(run: Path) -> dict:
     """What the cards say, as plain values read from the run folder."""
     from app.ollama import chat_family
-    from app.recipe import trl_config_default
+    from app.recipe import run_recipe, trl_config_default
 
-    recipe, train = yaml.safe_load((run / "recipe.yaml").read_text()), read_json(run / "train.json")
-    method = train.get("method") or recipe["stages"][-1]
-    hyper = dict(recipe.get(method) or {})
+    recipe, train = run_recipe(run), read_json(run / "train.json")
+    method = train.get("method") or recipe.stages[-1]
+    hyper = dict(recipe.methods[method])
     for key in ("beta", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"):
         try:  # a key the recipe left out trained at TRL's default
             hyper.setdefault(key, trl_config_default(method, key))
         except KeyError:  # sft and reward have no beta
             pass
-    base, earlier = recipe["model"]["name"], []
+    base, earlier = recipe.model.name, []
     while Path(ROOT, base).name == "merged" and Path(ROOT, base).parent.joinpath("recipe.yaml").is_file():
         # a later stage of a recipe starts from the previous stage's merged/: name the model it all began with
         earlier.insert(0, Path(ROOT, base).parent.name)
-        base = yaml.safe_load(Path(ROOT, base).parent.joinpath("recipe.yaml").read_text())["model"]["name"]
+        base = run_recipe(Path(ROOT, base).parent).model.name
     tokenizer = read_json(run / "merged" / "tokenizer_config.json") or {}
     template = run / "merged" / "chat_template.jinja"  # where transformers saves it; older ones inside the config
     template = template.read_text() if template.is_file() else tokenizer.get("chat_template")
@@ -63,7 +61,7 @@ def card_text(kind: str, facts: dict) -> str:
 
     from app.model import BUILT
     method, recipe, train, h = facts["method"], facts["recipe"], facts["train"], facts["hyperparameters"]
-    base, source = facts["base"], str(recipe["data"]["source"])
+    base, source = facts["base"], recipe.data.source
     base_id, dataset_id = hub_id(base), hub_id(source)
     data = ModelCardData(
         base_model=base_id, datasets=[dataset_id] if dataset_id else None, license=facts["license"],
@@ -77,10 +75,9 @@ def card_text(kind: str, facts: dict) -> str:
     counts = train.get("data") or {}
     data_text = (f"[{source}](https://huggingface.co/datasets/{source})" if dataset_id else f"`{source}` (a local "
                  "file)") + (f": {counts['train']} examples trained, {counts['eval']} held out" if counts else "")
-    lora, four_bit = recipe.get("lora", {}), recipe["model"].get("load_in_4bit")
-    how = ("every weight trained (full fine-tuning), saved in 16 bits" if recipe["model"].get("full_finetuning") else
-           f"LoRA r {lora.get('r')}, alpha {lora.get('lora_alpha')}, on a {'4-bit (nf4)' if four_bit else '16-bit'} "
-           f"base, then merged")
+    how = ("every weight trained (full fine-tuning), saved in 16 bits" if recipe.model.full_finetuning else
+           f"LoRA r {recipe.lora.r}, alpha {recipe.lora.lora_alpha}, on a "
+           f"{'4-bit (nf4)' if recipe.model.load_in_4bit else '16-bit'} base, then merged")
     settings = [*([f"beta {h['beta']}"] if "beta" in h else []), f"learning rate {h.get('learning_rate')}",
                 f"batch {h.get('per_device_train_batch_size')} x {h.get('gradient_accumulation_steps')} accumulated"]
     lines = [f"---\n{data.to_yaml()}\n---", "", f"# {facts['run']}" + (" (GGUF)" if kind == "gguf" else ""), "",

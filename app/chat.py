@@ -11,10 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from app import AppError
 from app.generate import CONTEXT, GGUFModel, Sampling, with_system
+from app.recipe import run_recipe
 
 HELP = "/reset clears the conversation, /system TEXT replaces the system prompt, /quit leaves"
 
@@ -30,11 +29,7 @@ def recipe_system(gguf: Path) -> str | None:
     run = run_of(gguf)
     if run is None:
         return None
-    try:
-        recipe = yaml.safe_load((run / "recipe.yaml").read_text()) or {}
-    except yaml.YAMLError as e:
-        raise AppError(f"{run / 'recipe.yaml'} is not valid YAML: {e}") from None
-    return (recipe.get("export") or {}).get("system") or None
+    return run_recipe(run).export.system or None
 
 
 def chat(gguf: Path, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7,

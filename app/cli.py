@@ -195,11 +195,11 @@ def cmd_export(args):
 
 def cmd_smoke(args):
     from app.pipeline import check_run
-    from app.recipe import load_recipe
+    from app.recipe import run_recipe
     from app.runs import resolve_run
 
     run = resolve_run(args.run, write=True)
-    check_run(run, load_recipe(str(run / "recipe.yaml")))
+    check_run(run, run_recipe(run))
 
 
 def cmd_chat(args):
@@ -229,16 +229,16 @@ def cmd_serve(args):
 
 
 def cmd_data(args):
+    import dataclasses
     import json
 
     from app.data import inspect_data
-    from app.recipe import load_recipe
+    from app.recipe import DataSection, load_recipe
     from app.runs import write_text
 
     recipe = load_recipe(args.recipe) if args.recipe else None
-    data = {**(recipe.data if recipe else {}), "source": args.source}
-    if args.split:
-        data["split"] = args.split
+    data = dataclasses.replace(recipe.data if recipe else DataSection(), source=args.source,
+                               **({"split": args.split} if args.split else {}))
     tokenizer = None
     if recipe:
         from app.model import load_tokenizer
@@ -324,10 +324,10 @@ def cmd_recipes(args):
     for name in recipe_names():
         r = load_recipe(name)
         try:
-            gpu = f"{estimate_training_memory(r).total:.1f}" + ("" if r.model.get("requires_gpu") else "*")
+            gpu = f"{estimate_training_memory(r).total:.1f}" + ("" if r.model.requires_gpu else "*")
         except ValueError:  # an architecture the planner does not know
             gpu = "?"
-        print(f"{name:<18} {r.model['name']:<46} {r.model.get('params') or '?':>6} {gpu:>7}  {r.data['source']}")
+        print(f"{name:<18} {r.model.name:<46} {r.model.params or '?':>6} {gpu:>7}  {r.data.source}")
     print("* runs on the CPU as well")
 
 

@@ -19,13 +19,13 @@ from app.runs import rewriting_finished_run, write_text
 def compare_run(run: Path, prompts_file: Path | None = None, max_tokens: int = 128, quant: str | None = None,
                 log=print) -> list[dict]:
     """{prompt, base, aligned} per prompt; writes compare.md and prints the table."""
-    from app.recipe import load_recipe
+    from app.recipe import run_recipe
 
     if not 0 < max_tokens < CONTEXT:
         raise AppError(f"--max-tokens {max_tokens} must be positive and below the context of {CONTEXT} tokens")
-    recipe = load_recipe(str(run / "recipe.yaml"))
-    prompts = read_prompts(Path(prompts_file)) if prompts_file else list(recipe.export["probes"])
-    system = recipe.export.get("system") or None
+    recipe = run_recipe(run)
+    prompts = read_prompts(Path(prompts_file)) if prompts_file else list(recipe.export.probes)
+    system = recipe.export.system or None
     aligned = find_gguf(str(run), quant)
     log(f"compare: {len(prompts)} prompts, greedy, up to {max_tokens} tokens; aligned: {aligned.name}")
     aligned_replies = gguf_replies(aligned, prompts, system, max_tokens)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from app import ROOT, AppError, repo_path
 from app.methods import METHODS
+from app.recipe import DataSection
 
 FIELDS = ("prompt", "chosen", "rejected")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -41,7 +42,7 @@ class PreferenceData:
     pairs: object = None  # the held-out preference pairs scored before and after training (None: not pairs)
 
 
-def load_training_data(data: dict, method: str) -> PreferenceData:
+def load_training_data(data: DataSection, method: str) -> PreferenceData:
     """The recipe's data shaped for a training method: preference pairs for dpo, orpo and reward; prompts
     for grpo and rloo (data.prompts, or the training pairs' prompts);
     prompt/completion for sft (the chosen side of pairs, or chat data: a `messages` list or prompt and
@@ -50,14 +51,14 @@ def load_training_data(data: dict, method: str) -> PreferenceData:
     read, shape = read_recipe_rows(data), METHODS[method].data
     if shape in ("chat", "unpaired"):  # sft and kto also take rows that are not pairs
         first = next((row for _, row in read if isinstance(row, dict)), None)
-        if first and "chosen" not in map_columns(first, data.get("columns"), "the first row"):
+        if first and "chosen" not in map_columns(first, data.columns, "the first row"):
             return load_completion_data(data, read, method)
     prefs = load_preference_data(data, read)
     prefs.pairs = prefs.eval
     if shape == "prompts":  # grpo, rloo: prompts to sample replies to; the held-out pairs still score before and after
         import datasets
-        if data.get("prompts"):
-            prompts = read_prompt_list(data["prompts"])
+        if data.prompts:
+            prompts = read_prompt_list(data.prompts)
         else:
             prompts = list({prompt_key(p): p for p in prefs.train["prompt"]}.values())
         prefs.train, prefs.eval = datasets.Dataset.from_list([{"prompt": p} for p in prompts]), None
@@ -65,8 +66,8 @@ def load_training_data(data: dict, method: str) -> PreferenceData:
         prefs.train, prefs.eval = (None if d is None else d.remove_columns("rejected").rename_column("chosen", "completion")
                                    for d in (prefs.train, prefs.eval))
     elif shape == "unpaired":  # kto
-        if not data.get("unpair"):
-            raise AppError(f"{data['source']}: KTO trains on unpaired rows (prompt, completion, label); these are "
+        if not data.unpair:
+            raise AppError(f"{data.source}: KTO trains on unpaired rows (prompt, completion, label); these are "
                            f"pairs: set data.unpair: true to make each pair a true and a false example")
         from trl.data_utils import unpair_preference_dataset
         prefs.train, prefs.eval = (None if d is None else unpair_preference_dataset(d) for d in (prefs.train, prefs.eval))
@@ -115,14 +116,14 @@ def prompt_key(messages: list[dict]) -> str:
     return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
 
 
-def load_completion_data(data: dict, read, method: str) -> PreferenceData:
+def load_completion_data(data: DataSection, read, method: str) -> PreferenceData:
     """Rows with a `messages` list (the last message is the reply) or prompt + completion (+ label for
     kto), in TRL's conversational prompt/completion format; there are no pairs to score."""
-    rows, formats = completion_rows(read, data.get("columns"), method)
+    rows, formats = completion_rows(read, data.columns, method)
     if not rows:
-        raise AppError(f"{data['source']}: the dataset is empty")
-    train, evalset = split_held_out(rows, data, lambda split: completion_rows(split, data.get("columns"), method)[0])
-    return PreferenceData(train=train, eval=evalset, source=str(data["source"]), format="+".join(sorted(formats)),
+        raise AppError(f"{data.source}: the dataset is empty")
+    train, evalset = split_held_out(rows, data, lambda split: completion_rows(split, data.columns, method)[0])
+    return PreferenceData(train=train, eval=evalset, source=data.source, format="+".join(sorted(formats)),
                           rows=len(read), dropped={"duplicate": len(read) - len(rows)} if len(read) > len(rows) else {})
 
 
@@ -156,55 +157,55 @@ def completion_rows(read, columns, method: str) -> tuple[list[dict], set]:
     return rows, formats
 
 
-def load_preference_data(data: dict, read=None) -> PreferenceData:
+def load_preference_data(data: DataSection, read=None) -> PreferenceData:
     """`data` is the recipe's data section: source, split, config, columns, eval_share or eval_split,
     max_rows, seed. `read`: its rows when the caller has read them already."""
-    source = str(data["source"])
+    source = data.source
     read, rows, formats, dropped = read_preference_rows(data, read)
     if not read:
         raise AppError(f"{source}: the dataset is empty")
     if not rows:
         reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
         raise AppError(f"{source}: no usable rows among {len(read)} ({reasons})")
-    train, evalset = split_held_out(rows, data, lambda split: normalize_rows(split, data.get("columns"))[0])
+    train, evalset = split_held_out(rows, data, lambda split: normalize_rows(split, data.columns)[0])
     return PreferenceData(train=train, eval=evalset, source=source, format="+".join(sorted(formats)),
                           rows=len(read), dropped=dict(dropped))
 
 
-def split_held_out(rows: list[dict], data: dict, normalize):
+def split_held_out(rows: list[dict], data: DataSection, normalize):
     """(train, eval or None) as datasets: the rows shuffled by data.seed, and held out either the named
     data.eval_split (read and passed through `normalize`, as the train rows were) or data.eval_share of them."""
     import datasets
-    source, share = str(data["source"]), data.get("eval_share") or 0
-    dataset = datasets.Dataset.from_list(rows).shuffle(seed=data.get("seed", 0))
-    if data.get("eval_split"):  # a named held-out split (e.g. test_prefs) instead of a share
-        eval_rows = normalize(read_rows(source, data["eval_split"], data.get("config")))
+    source, share = data.source, data.eval_share
+    dataset = datasets.Dataset.from_list(rows).shuffle(seed=data.seed)
+    if data.eval_split:  # a named held-out split (e.g. test_prefs) instead of a share
+        eval_rows = normalize(read_rows(source, data.eval_split, data.config))
         if not eval_rows:
-            raise AppError(f"{source}: split '{data['eval_split']}' has no usable rows")
+            raise AppError(f"{source}: split '{data.eval_split}' has no usable rows")
         return dataset, datasets.Dataset.from_list(eval_rows)
     if not share:
         return dataset, None
-    n_eval = held_out_count(len(dataset), data, source)
+    n_eval = held_out_count(len(dataset), data)
     return dataset.select(range(n_eval, len(dataset))), dataset.select(range(n_eval))
 
 
-def held_out_count(rows: int, data: dict, source: str) -> int:
+def held_out_count(rows: int, data: DataSection) -> int:
     """How many of `rows` the data section holds out: none with a named eval_split (its own rows are) or
     no eval_share, else eval_share of them and at least one; AppError when none would be left to train on."""
-    share = data.get("eval_share") or 0
-    if data.get("eval_split") or not share:
+    share = data.eval_share
+    if data.eval_split or not share:
         return 0
     n_eval = max(1, round(rows * share))
     if rows - n_eval < 1:
-        raise AppError(f"{source}: {rows} rows are too few to hold out {share:.0%} for evaluation")
+        raise AppError(f"{data.source}: {rows} rows are too few to hold out {share:.0%} for evaluation")
     return n_eval
 
 
-def inspect_data(data: dict, tokenizer=None, max_length: int | None = None) -> tuple[dict, list[dict]]:
+def inspect_data(data: DataSection, tokenizer=None, max_length: int | None = None) -> tuple[dict, list[dict]]:
     """(report, normalized rows) for `data inspect`: format, counts by reason and, given the recipe's
     tokenizer, how many pairs exceed max_length tokens once rendered through the chat template."""
     read, rows, formats, dropped = read_preference_rows(data)
-    report = {"source": str(data["source"]), "format": "+".join(sorted(formats)) or "none",
+    report = {"source": data.source, "format": "+".join(sorted(formats)) or "none",
               "rows_read": len(read), "rows_kept": len(rows), "dropped": dict(dropped)}
     if tokenizer is not None and max_length:
         report["longer_than_max_length"] = sum(
@@ -214,16 +215,16 @@ def inspect_data(data: dict, tokenizer=None, max_length: int | None = None) -> t
     return report, rows
 
 
-def read_recipe_rows(data: dict) -> list[tuple[str, dict]]:
+def read_recipe_rows(data: DataSection) -> list[tuple[str, dict]]:
     """The rows of the recipe's data section as read, (where, row), the first data.max_rows of them."""
-    read = read_rows(str(data["source"]), data.get("split", "train"), data.get("config"))
-    return read[: int(data["max_rows"])] if data.get("max_rows") else read
+    read = read_rows(data.source, data.split, data.config)
+    return read[: data.max_rows] if data.max_rows else read
 
 
-def read_preference_rows(data: dict, read=None):
+def read_preference_rows(data: DataSection, read=None):
     """(rows read, normalized rows, formats seen, dropped counts) for the recipe's data section."""
     read = read_recipe_rows(data) if read is None else read
-    return (read, *normalize_rows(read, data.get("columns")))
+    return (read, *normalize_rows(read, data.columns))
 
 
 def normalize_rows(read, columns=None) -> tuple[list[dict], set, collections.Counter]:

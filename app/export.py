@@ -42,7 +42,7 @@ def export_run(run: Path, recipe, model, tokenizer, base_source: str, log=print)
     discard_manifest(run)  # files are rewritten from here on: the run is incomplete until the manifest is back
     return_large_blocks_on_free()
     dtype = merged_dtype(base_source)
-    check_room_for_export(run, model, recipe.export["gguf"])
+    check_room_for_export(run, model, recipe.export.gguf)
     log(f"export: saving the trained weights in {str(dtype).removeprefix('torch.')} (full fine-tuning: no merge)"
         if plain_model(model) is model else
         f"export: merging the adapter into {str(dtype).removeprefix('torch.')} weights (the base as trained, "
@@ -50,14 +50,14 @@ def export_run(run: Path, recipe, model, tokenizer, base_source: str, log=print)
     merge_adapter(model, tokenizer, run / "merged", base_source, dtype)
     merge = check_merged_weights(model, run / "merged")
     log(f"  {merge['summary']}")
-    log(f"export: GGUF {', '.join(recipe.export['gguf'])} with llama.cpp's converter")
-    made = convert_to_gguf(run / "merged", run / "gguf", recipe.name, recipe.export["gguf"], log)
-    if recipe.export.get("base"):
+    log(f"export: GGUF {', '.join(recipe.export.gguf)} with llama.cpp's converter")
+    made = convert_to_gguf(run / "merged", run / "gguf", recipe.name, recipe.export.gguf, log)
+    if recipe.export.base:
         log("export: the base model as GGUF f16 (export.base), for `python -m app compare`")
         convert_base_model(base_source, run / "merged", run / BASE_GGUF.parent, log)
     chosen = next(made[t] for t in (*CHAT_PREFERENCE, *made) if t in made)
     stops = [tokenizer.convert_ids_to_tokens(i) for i in eos_ids(model, tokenizer)]
-    modelfile = write_modelfile(chosen, tokenizer.chat_template, stops, recipe.export["system"])
+    modelfile = write_modelfile(chosen, tokenizer.chat_template, stops, recipe.export.system)
     translated = modelfile_template(tokenizer.chat_template) is not None
     log(f"  {modelfile.name} for Ollama: FROM {chosen.name}" + ("" if translated else
         ", no TEMPLATE (this chat template's family is not translated; Ollama will use its default)"))

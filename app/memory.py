@@ -110,7 +110,7 @@ ARCHITECTURES = {
 def model_folder(recipe) -> Path | None:
     """The recipe's model folder on this machine, if there is one (see app.model.local_model_folder)."""
     from app.model import local_model_folder
-    return local_model_folder(str(recipe.model["name"]))
+    return local_model_folder(recipe.model.name)
 
 
 def architecture(recipe) -> tuple[Architecture | None, str]:
@@ -118,7 +118,7 @@ def architecture(recipe) -> tuple[Architecture | None, str]:
     folder = model_folder(recipe)
     if folder and (folder / "config.json").is_file():
         return Architecture.from_config(json.loads((folder / "config.json").read_text())), f"{folder}/config.json"
-    name = str(recipe.model["name"])
+    name = recipe.model.name
     if name == "tiny":  # not built yet: the settings it will be built with
         from app.tiny import SETTINGS
         return Architecture(SETTINGS["hidden_size"], SETTINGS["num_hidden_layers"], SETTINGS["intermediate_size"],
@@ -150,7 +150,7 @@ def train_setting(recipe, key):
     """The recipe's value of a TRL config field, else TRL's own default for it."""
     from app.recipe import trl_config_default
     if key == "max_length" and METHODS[training_method(recipe)].online:  # no such field: a prompt and a sampled reply,
-        return recipe.model["max_seq_length"]                       # at most the model's sequence length
+        return recipe.model.max_seq_length                          # at most the model's sequence length
     value = training_section(recipe).get(key)
     return value if value is not None else trl_config_default(training_method(recipe), key)
 
@@ -207,19 +207,19 @@ def estimate_training_memory(recipe, *, batch: int | None = None, length: int | 
     if arch is None:
         arch, _ = architecture(recipe)
         if arch is None:
-            raise ValueError(f"the architecture of {recipe.model['name']} is unknown")
+            raise ValueError(f"the architecture of {recipe.model.name} is unknown")
     batch = batch or train_setting(recipe, "per_device_train_batch_size")
     length = length or train_setting(recipe, "max_length")
     section = training_section(recipe)
     has_reference = METHODS[training_method(recipe)].reference
-    full = bool(recipe.model.get("full_finetuning"))
+    full = recipe.model.full_finetuning
     if precompute_ref is None:  # with LoRA, dpo's "auto" may still score the reference in every step
         # (app/refcache.py): counted, the safe side; full fine-tuning's auto is TRL's precompute (app/train.py)
         setting = section.get("precompute_ref_log_probs")
         precompute_ref = setting is True or (full and training_method(recipe) == "dpo" and setting is not False)
     chunked = fused_lm_head() if chunked is None else chunked
-    four_bit = bool(recipe.model.get("load_in_4bit")) and not full
-    act = 4 if recipe.model.get("dtype") == "float32" else 2  # bytes of an activation (Unsloth: bf16 or fp16)
+    four_bit = recipe.model.load_in_4bit and not full
+    act = 4 if recipe.model.dtype == "float32" else 2  # bytes of an activation (Unsloth: bf16 or fp16)
     h, kv, q, i, v = arch.hidden, arch.kv_heads * arch.head_dim, arch.heads * arch.head_dim, arch.intermediate, arch.vocab
     tokens = (2 if METHODS[training_method(recipe)].paired else 1) * batch * length  # chosen + rejected
 
@@ -229,7 +229,7 @@ def estimate_training_memory(recipe, *, batch: int | None = None, length: int | 
     if full:  # every weight: its gradient (compute dtype) and the optimizer's moments
         trainable = arch.params * (act + optimizer)
     else:  # LoRA A and B, their gradients, the moments, all fp32
-        trainable = arch.lora_params(recipe.lora["r"], recipe.lora["target_modules"]) * (4 + 4 + optimizer)
+        trainable = arch.lora_params(recipe.lora.r, recipe.lora.target_modules) * (4 + 4 + optimizer)
     reference_weights = weights if full and has_reference and not precompute_ref else 0
     checkpoints = arch.layers * tokens * h * act
 
@@ -278,7 +278,7 @@ def reference_choices(recipe, arch: Architecture | None = None) -> str | None:
     """Full fine-tuning's two references, side by side: TRL's frozen copy of the weights, or one pass before
     training (precompute_ref_log_probs); None for LoRA (its reference is the model with adapters off) or a
     method without a reference."""
-    if not recipe.model.get("full_finetuning") or not METHODS[training_method(recipe)].reference:
+    if not recipe.model.full_finetuning or not METHODS[training_method(recipe)].reference:
         return None
     copy, once = (estimate_training_memory(recipe, precompute_ref=p, arch=arch).total for p in (False, True))
     return (f"full fine-tuning's reference: {copy:.1f} GiB with a frozen copy of the weights "

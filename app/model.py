@@ -47,7 +47,7 @@ def built_model(name: str):
 def resolve_model_source(recipe) -> str:
     """A built model (tiny, smollm2-135m) -> its folder, built first if needed; a folder -> itself; anything
     else is a hub id."""
-    name = str(recipe.model["name"])
+    name = recipe.model.name
     if name in BUILT:
         return str(built_model(name).ensure_model())
     folder = local_folder(name)
@@ -58,8 +58,8 @@ def check_model_environment(recipe):
     """One sentence saying what is missing when the recipe cannot run here (GPU, model files, network)."""
     import torch
 
-    name = str(recipe.model["name"])
-    needs_gpu = recipe.model.get("requires_gpu") and not torch.cuda.is_available()
+    name = recipe.model.name
+    needs_gpu = recipe.model.requires_gpu and not torch.cuda.is_available()
     local = name in BUILT or local_folder(name) is not None
     check_model_files(recipe)
     missing_model = not local and not is_cached(name) and not hub_reachable()
@@ -79,7 +79,7 @@ def check_model_environment(recipe):
 def check_model_files(recipe):
     """The model's own files, read without loading anything (milliseconds): a path that does not exist, a
     local folder (check_model_folder), a cached hub model with only pickle weights."""
-    name = str(recipe.model["name"])
+    name = recipe.model.name
     if name in BUILT:
         return built_model(name).check_source()
     folder = local_folder(name)
@@ -90,7 +90,7 @@ def check_model_files(recipe):
                        f"folder, or 'tiny')")
     elif is_cached(name):
         check_quantization(json.loads((local_model_folder(name) / "config.json").read_text()), name)
-        if not recipe.model.get("allow_pickle"):
+        if not recipe.model.allow_pickle:
             check_cached_weights(name)
 
 
@@ -102,7 +102,7 @@ def check_model_folder(folder: Path, recipe):
     """A local model folder, checked before anything loads: config.json, weights in safetensors (pickle
     files, *.bin/*.pt, can run code when loaded: only with model.allow_pickle), a tokenizer and a chat
     template (or model.chat_template)."""
-    name = recipe.model["name"]
+    name = recipe.model.name
     if (folder / "adapter_config.json").is_file():  # a LoRA adapter: Unsloth loads its base from the config
         return
     if not (folder / "config.json").is_file():
@@ -110,7 +110,7 @@ def check_model_folder(folder: Path, recipe):
                        f"save_pretrained (or a hub snapshot)")
     safe = list(folder.glob("*.safetensors"))
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if not safe and pickled and not recipe.model.get("allow_pickle"):
+    if not safe and pickled and not recipe.model.allow_pickle:
         raise AppError(f"model folder {name} has only pickle weights ({', '.join(pickled)}), which can run code "
                        f"when loaded; convert them to safetensors, or set model.allow_pickle: true if you trust "
                        f"where they came from")
@@ -122,7 +122,7 @@ def check_model_folder(folder: Path, recipe):
     config = folder / "tokenizer_config.json"
     has_template = (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file() or (
         config.is_file() and bool(json.loads(config.read_text() or "{}").get("chat_template")))
-    if not has_template and not recipe.model.get("chat_template"):
+    if not has_template and not recipe.model.chat_template:
         raise AppError(f"model folder {name}: its tokenizer has no chat template; set model.chat_template "
                        f"(e.g. llama-3, chatml, mistral, gemma, phi-3)")
 
@@ -156,11 +156,11 @@ def load_options(recipe) -> dict:
     """Keyword arguments for every from_pretrained: trust_remote_code is off unless the recipe turns it on
     (then said on stderr); use_safetensors=True unless model.allow_pickle, so no pickle file is loaded."""
     m = recipe.model
-    if m.get("trust_remote_code"):
+    if m.trust_remote_code:
         logger.warning(f"recipe '{recipe.name}' sets model.trust_remote_code: true, so Python code from the "
-                       f"repository of '{m['name']}' runs on this machine; keep it only for a source you trust")
-    return {"trust_remote_code": bool(m.get("trust_remote_code")),
-            "use_safetensors": None if m.get("allow_pickle") else True}
+                       f"repository of '{m.name}' runs on this machine; keep it only for a source you trust")
+    return {"trust_remote_code": m.trust_remote_code,
+            "use_safetensors": None if m.allow_pickle else True}
 
 
 def local_model_folder(name: str) -> Path | None:
@@ -210,18 +210,18 @@ def load_model(recipe, source: str):
     the plain model, every weight trainable, in 16 bits (Unsloth's full_finetuning)."""
     FastLanguageModel = import_unsloth().FastLanguageModel
 
-    m, lora, full = recipe.model, recipe.lora, bool(recipe.model.get("full_finetuning"))
+    m, lora, full = recipe.model, recipe.lora, recipe.model.full_finetuning
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=source, max_seq_length=m["max_seq_length"], dtype=_dtype(m["dtype"]),
-        load_in_4bit=m["load_in_4bit"] and not full, full_finetuning=full, use_gradient_checkpointing="unsloth",
+        model_name=source, max_seq_length=m.max_seq_length, dtype=_dtype(m.dtype),
+        load_in_4bit=m.load_in_4bit and not full, full_finetuning=full, use_gradient_checkpointing="unsloth",
         **load_options(recipe))
-    tokenizer = fix_chat_template(tokenizer, m.get("chat_template"), recipe.name)
+    tokenizer = fix_chat_template(tokenizer, m.chat_template, recipe.name)
     if full:
         return model, tokenizer
     model = FastLanguageModel.get_peft_model(
-        model, r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
-        target_modules=lora["target_modules"], bias=lora["bias"], use_rslora=lora["use_rslora"],
-        random_state=lora["random_state"], use_gradient_checkpointing="unsloth")
+        model, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules, bias=lora.bias, use_rslora=lora.use_rslora,
+        random_state=lora.random_state, use_gradient_checkpointing="unsloth")
     return model, tokenizer
 
 
@@ -235,19 +235,19 @@ def load_reward_model(recipe, source: str):
 
     m, lora, options = recipe.model, recipe.lora, load_options(recipe)
     tokenizer = fix_chat_template(AutoTokenizer.from_pretrained(source, trust_remote_code=options["trust_remote_code"]),
-                                  m.get("chat_template"), recipe.name)
-    quantized = m["load_in_4bit"] and torch.cuda.is_available()
-    torch.manual_seed(lora["random_state"])  # the new score head's initial weights, reproducibly
+                                  m.chat_template, recipe.name)
+    quantized = m.load_in_4bit and torch.cuda.is_available()
+    torch.manual_seed(lora.random_state)  # the new score head's initial weights, reproducibly
     model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=1, dtype=_dtype(m["dtype"]) or "auto", **options,
+        source, num_labels=1, dtype=_dtype(m.dtype) or "auto", **options,
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_compute_dtype=torch.bfloat16) if quantized else None)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
     model = get_peft_model(model, LoraConfig(
-        task_type="SEQ_CLS", r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
-        target_modules=lora["target_modules"], bias=lora["bias"], use_rslora=lora["use_rslora"]))
+        task_type="SEQ_CLS", r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules, bias=lora.bias, use_rslora=lora.use_rslora))
     return model, tokenizer
 
 
@@ -258,7 +258,7 @@ def load_trained_reward_model(recipe, adapter_dir: Path):
 
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model_source(recipe), num_labels=1,
-                                                              dtype=_dtype(recipe.model["dtype"]) or "auto",
+                                                              dtype=_dtype(recipe.model.dtype) or "auto",
                                                               **load_options(recipe))
     base.config.pad_token_id = tokenizer.pad_token_id
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval(), tokenizer
@@ -269,8 +269,8 @@ def load_trained_model(recipe, adapter_dir: Path):
     FastLanguageModel = import_unsloth().FastLanguageModel
 
     m = recipe.model
-    return FastLanguageModel.from_pretrained(model_name=str(adapter_dir), max_seq_length=m["max_seq_length"],
-                                             dtype=_dtype(m["dtype"]), load_in_4bit=m["load_in_4bit"],
+    return FastLanguageModel.from_pretrained(model_name=str(adapter_dir), max_seq_length=m.max_seq_length,
+                                             dtype=_dtype(m.dtype), load_in_4bit=m.load_in_4bit,
                                              **load_options(recipe))
 
 
@@ -283,7 +283,7 @@ def load_tokenizer(recipe):
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=load_options(recipe)["trust_remote_code"])
     except OSError as e:
         raise AppError(f"could not load the tokenizer of '{name}' ({str(e).splitlines()[0]})") from None
-    return fix_chat_template(tokenizer, recipe.model.get("chat_template"), recipe.name)
+    return fix_chat_template(tokenizer, recipe.model.chat_template, recipe.name)
 
 
 def fix_chat_template(tokenizer, template_name, recipe_name):

@@ -187,7 +187,7 @@ def model_label(source) -> str:
     kind, value = source
     if kind == "gguf":
         return f"{value.parent.parent.name}/{value.name} (llama.cpp)" if value.parent.name == "gguf" else str(value)
-    return f"recipe {value.name}: {value.model['name']} (transformers)"
+    return f"recipe {value.name}: {value.model.name} (transformers)"
 
 
 def open_writer(source):

@@ -44,20 +44,20 @@ def train_recipe(recipe_arg: str, overrides, command: str, resume: str | None = 
     recipe = with_training_changes(recipe, checked.changes)  # model.auto_fit's batch
     # a resumed run is one stage, its own method whichever command resumes it
     stages = recipe.stages if resume or command == "train" or recipe.stages[-1] == command else [command]
-    if stages == [command] and METHODS[command].online and not (recipe.rewards["run"] or recipe.rewards["functions"]):
+    if stages == [command] and METHODS[command].online and not (recipe.rewards.run or recipe.rewards.functions):
         log(f"{command} learns from a reward and recipe '{recipe.name}' names none (rewards.run, rewards.functions): "
-            f"a reward model is trained first, on the pairs of {recipe.data['source']} (the RLHF order)")
+            f"a reward model is trained first, on the pairs of {recipe.data.source} (the RLHF order)")
         stages = ["reward", command]
     check_stages(recipe, stages)
-    if recipe.rewards["run"] and any(METHODS[s].online for s in stages):
+    if recipe.rewards.run and any(METHODS[s].online for s in stages):
         from app.rewards import reward_run
-        reward_run(recipe.rewards["run"])  # a reward run indeed, said before anything loads
+        reward_run(recipe.rewards.run)  # a reward run indeed, said before anything loads
     policy, scorer = None, None  # the last runs that trained the chat model and a reward model
     for i, stage in enumerate(stages):
         if policy:  # each stage starts from the previous chat model's merged 16-bit weights
-            recipe = dataclasses.replace(recipe, model={**recipe.model, "name": str(policy / "merged")})
-        if METHODS[stage].online and scorer and not recipe.rewards["run"]:  # [sft, reward, grpo]: the reward stage's
-            recipe = dataclasses.replace(recipe, rewards={**recipe.rewards, "run": str(scorer)})
+            recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name=str(policy / "merged")))
+        if METHODS[stage].online and scorer and not recipe.rewards.run:  # [sft, reward, grpo]: the reward stage's
+            recipe = dataclasses.replace(recipe, rewards=dataclasses.replace(recipe.rewards, run=str(scorer)))
         if len(stages) > 1:
             log(f"stage {i + 1}/{len(stages)}: {stage}")
         run = run_stage(stage, dataclasses.replace(recipe, stages=[stage]), run if checkpoint else None, checkpoint,
@@ -89,7 +89,7 @@ def run_stage(method: str, recipe, run=None, checkpoint=None, processes: int = 1
         check_model_environment(recipe)  # said once, here, rather than by every rank
         run = start_run(method, recipe, run, checkpoint, log)
         with progress.stage("training"):
-            launch_training(run, processes, recipe.launch["config"], checkpoint, log)
+            launch_training(run, processes, recipe.launch.config, checkpoint, log)
         summary = json.loads((run / "train.json").read_text())
     else:
         with progress.stage("load"):
@@ -155,14 +155,14 @@ def train_worker(run: Path, checkpoint: Path | None = None):
     """One rank of a launched training stage (app/launch.py): the data, model and train stages of the run's
     recipe; rank 0 writes train.json. A failure leaves the one line the parent names the rank with."""
     from app.launch import load_cpu_rank_checkpoints, record_failure
-    from app.recipe import load_recipe
+    from app.recipe import run_recipe
     from app.runs import write_json
     from app.train import train
 
     rank = int(os.environ.get("RANK", "0"))
     load_cpu_rank_checkpoints()
     try:
-        recipe = load_recipe(str(run / "recipe.yaml"))
+        recipe = run_recipe(run)
         method = recipe.stages[0]
         data, _, model, tokenizer = load_stage(method, recipe, log=print if rank == 0 else (lambda *a: None))
         summary = train(method, model, tokenizer, data, recipe, run, resume_from=checkpoint)
@@ -175,22 +175,19 @@ def train_worker(run: Path, checkpoint: Path | None = None):
 
 def export_run_folder(run: Path, log=print, progress: Progress | None = None):
     """`export RUN`: the run's base and adapter reloaded through Unsloth, then export and smoke."""
-    import yaml
-
     from app.export import export_run
     from app.model import load_trained_model, resolve_model_source
-    from app.recipe import load_recipe
+    from app.recipe import run_recipe
 
+    recipe = run_recipe(run)
     # what training saved: the adapter, or for full fine-tuning the trained weights themselves, which the
-    # export wrote in 16 bits (merged/ appears only complete); said before the recipe is checked
-    saved = yaml.safe_load((run / "recipe.yaml").read_text()) if (run / "recipe.yaml").is_file() else None
-    full = bool(((saved or {}).get("model") or {}).get("full_finetuning"))
+    # export wrote in 16 bits (merged/ appears only complete)
+    full = recipe.model.full_finetuning
     trained = run / ("merged" if full else "adapter")
     if not trained.is_dir():
         raise AppError(f"{run.name} has no {trained.name}/ (its training did not finish"
                        + (", or its export did not, and full fine-tuning keeps the trained weights nowhere else but "
                           "its checkpoints: train it again" if full else "") + ")")
-    recipe = load_recipe(str(run / "recipe.yaml"))
     if not METHODS[recipe.stages[-1]].chat_model:
         raise AppError(f"{run.name} is a reward model: a scorer, not a chat model, so it has no GGUF export "
                        f"(use it with: python -m app score {run.name} --prompt ... --response ...)")
@@ -217,7 +214,7 @@ def check_run(run: Path, recipe, log=print, progress: Progress | None = None):
         torch.cuda.empty_cache()
     log("smoke: llama.cpp against the merged model")
     with progress.stage("smoke"):
-        results = smoke_run(run, recipe.export["probes"], log=log)
+        results = smoke_run(run, recipe.export.probes, log=log)
     with progress.stage("report"):
         summary, _ = refresh_run_documents(run)  # before the manifest, which names them too
         write_timings(run, progress)

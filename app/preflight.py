@@ -199,7 +199,7 @@ def check_model_source(recipe, folder: Path | None) -> str:
     in the words training would use a moment later (with the missing GPU too, when that is also the case)."""
     from app.model import check_cached_weights, check_model_environment, check_model_folder
 
-    name = str(recipe.model["name"])
+    name = recipe.model.name
     if name in BUILT:
         built_model(name).check_source()
         return (f"model: {name}, built in {_show(folder)}" if folder else
@@ -209,7 +209,7 @@ def check_model_source(recipe, folder: Path | None) -> str:
         check_model_folder(local, recipe)
         return f"model: local folder {name}"
     if folder:
-        if not recipe.model.get("allow_pickle"):
+        if not recipe.model.allow_pickle:
             check_cached_weights(name)
         return f"model: {name} is in the local Hugging Face cache"
     if offline() or is_path(name):
@@ -223,13 +223,13 @@ def check_data(recipe) -> tuple[str, int | None]:
     all of preflight; `python -m app data inspect` checks it)."""
     from app import data as appdata
 
-    source = str(recipe.data["source"])
+    source = recipe.data.source
     path = repo_path(source)
     local = path.exists() or path.suffix in appdata.LOCAL_SUFFIXES or source.startswith((".", "/"))
     if not local:
         cached = (_hub_cache() / f"datasets--{source.replace('/', '--')}").is_dir()
-        max_rows = recipe.data.get("max_rows")
-        rows = round(max_rows * (1 - (recipe.data.get("eval_share") or 0))) if max_rows else None
+        max_rows = recipe.data.max_rows
+        rows = round(max_rows * (1 - (recipe.data.eval_share or 0))) if max_rows else None
         if cached:
             return f"data: hub dataset {source} is in the local cache (its rows are checked when training loads it)", rows
         if offline() or offline("HF_DATASETS_OFFLINE"):
@@ -238,21 +238,19 @@ def check_data(recipe) -> tuple[str, int | None]:
         return f"data: hub dataset {source} is not cached: training downloads it first", rows
     if path.is_dir():
         return f"data: dataset folder {source} (its rows are checked when training loads it)", None
-    read = appdata.read_rows(source, recipe.data.get("split", "train"), recipe.data.get("config"))
-    if recipe.data.get("max_rows"):
-        read = read[: int(recipe.data["max_rows"])]
+    read = appdata.read_recipe_rows(recipe.data)
     if not read:
         raise AppError(f"{source}: the dataset is empty")
     first = next((row for _, row in read if isinstance(row, dict)), None)
-    first = appdata.map_columns(first, recipe.data.get("columns"), "the first row") if first else {}
+    first = appdata.map_columns(first, recipe.data.columns, "the first row") if first else {}
     if "chosen" not in first and ("messages" in first or "completion" in first):  # sft / kto data, not pairs
         return (f"data: {source}: {len(read)} rows that are not pairs (for sft or kto; checked when training loads "
                 f"them)", len(read))
-    rows, formats, dropped = appdata.normalize_rows(read, recipe.data.get("columns"))
+    rows, formats, dropped = appdata.normalize_rows(read, recipe.data.columns)
     if not rows:
         reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
         raise AppError(f"{source}: no usable rows among {len(read)} ({reasons})")
-    held_out = appdata.held_out_count(len(rows), recipe.data, source)
+    held_out = appdata.held_out_count(len(rows), recipe.data)
     dropped_text = "".join(f", {n} dropped ({reason})" for reason, n in dropped.items())
     return (f"data: {source} ({'+'.join(sorted(formats))}): {len(rows)} usable of {len(read)} rows{dropped_text}",
             len(rows) - held_out)
@@ -264,7 +262,7 @@ def disk_needed(recipe, arch, params: float, train_rows: int | None) -> dict:
     when it is not one of them (made, quantized from, then deleted), and the base model's f16 GGUF when
     export.base asks for it."""
     dpo = training_section(recipe)
-    lora = arch.lora_params(recipe.lora["r"], recipe.lora["target_modules"]) if arch else 0
+    lora = arch.lora_params(recipe.lora.r, recipe.lora.target_modules) if arch else 0
     optimizer = 2 if "8bit" in str(dpo.get("optim", "")) else 8
     batch = train_setting(recipe, "per_device_train_batch_size") * train_setting(recipe, "gradient_accumulation_steps")
     steps = dpo.get("max_steps") or 0
@@ -273,21 +271,21 @@ def disk_needed(recipe, arch, params: float, train_rows: int | None) -> dict:
     limit = dpo.get("save_total_limit") or 2  # app/train.py's default
     saves = steps // (dpo.get("save_steps") or 500) if steps else limit + 1
     kept = 0 if dpo.get("save_strategy") == "no" else min(saves, limit + 1)  # a new one is written before the oldest goes
-    types = list(recipe.export["gguf"])
+    types = list(recipe.export.gguf)
     base = "f32" if "f32" in types else "f16"
     from app.gguf import GGUF_BITS
     ggufs = sum(GGUF_BITS[t] for t in types + ([base] if base not in types else [])) / 8 * params
     checkpoint, adapter = lora * (4 + 4 + optimizer), lora * 8
-    if recipe.model.get("full_finetuning"):  # a checkpoint holds every weight and its optimizer state; no adapter
-        checkpoint, adapter = params * ((4 if recipe.model.get("dtype") == "float32" else 2) + optimizer), 0
+    if recipe.model.full_finetuning:  # a checkpoint holds every weight and its optimizer state; no adapter
+        checkpoint, adapter = params * ((4 if recipe.model.dtype == "float32" else 2) + optimizer), 0
     return {"checkpoints": kept * checkpoint, "adapter": adapter, "merged": 2 * params,
-            "gguf": ggufs, "base gguf": 2 * params if recipe.export.get("base") else 0}
+            "gguf": ggufs, "base gguf": 2 * params if recipe.export.base else 0}
 
 
 def check_disk(recipe, arch, train_rows: int | None) -> str:
     from app.runs import EXPORTS
 
-    params = arch.params if arch else parse_params(recipe.model.get("params"))
+    params = arch.params if arch else parse_params(recipe.model.params)
     if not params:
         return "disk: skipped, the model's size is unknown (set model.params, e.g. 7B)"
     need = disk_needed(recipe, arch, params, train_rows)
@@ -295,7 +293,7 @@ def check_disk(recipe, arch, train_rows: int | None) -> str:
     where = EXPORTS if EXPORTS.exists() else ROOT
     free = shutil.disk_usage(where).free
     parts = (f"checkpoints {need['checkpoints'] / GiB:.1f}, merged 16-bit weights {need['merged'] / GiB:.1f}, "
-             f"GGUF {'/'.join(recipe.export['gguf'])} {need['gguf'] / GiB:.1f} GiB")
+             f"GGUF {'/'.join(recipe.export.gguf)} {need['gguf'] / GiB:.1f} GiB")
     if free < total:
         raise AppError(f"exports/ has {free / GiB:.1f} GiB free on its disk but this run writes about "
                        f"{total / GiB:.1f} GiB ({parts}); fix: free some space (old runs in exports/) or ask for "
@@ -313,13 +311,13 @@ def evaluation_tokens(recipe, train_rows: int | None) -> dict:
     steps = section.get("max_steps") or 0
     if steps <= 0:
         steps = round(section.get("num_train_epochs", 3) * -(-(train_rows or 0) // batch))
-    share = recipe.data["eval_share"]  # of all rows; train_rows is the rest
-    pairs = min(recipe.data["eval_pairs"], max(1, round((train_rows or 0) * share / (1 - share))))
+    share = recipe.data.eval_share  # of all rows; train_rows is the rest
+    pairs = min(recipe.data.eval_pairs, max(1, round((train_rows or 0) * share / (1 - share))))
     pair = 2 * length  # chosen and rejected, prompt included
     from app.smoke import MAX_NEW_TOKENS
-    probes = len(recipe.export["probes"]) * 2 * MAX_NEW_TOKENS  # prompt + reply twice, replies up to smoke's cap
+    probes = len(recipe.export.probes) * 2 * MAX_NEW_TOKENS  # prompt + reply twice, replies up to smoke's cap
     return {"train": steps * batch * pair, "evaluate": 2 * pairs * pair,
-            "smoke": (1 + len(recipe.export["gguf"])) * (pairs * pair + probes), "pairs": pairs}
+            "smoke": (1 + len(recipe.export.gguf)) * (pairs * pair + probes), "pairs": pairs}
 
 
 def check_evaluation_cost(recipe, train_rows: int | None) -> str:
@@ -336,7 +334,7 @@ def check_gpu_memory(recipe, arch, arch_source: str, cuda: dict | str | None) ->
     """(line, the training fields model.auto_fit changes: {} without it). `cuda`: {free, total, name} from
     torch.cuda.mem_get_info in the child, None without CUDA, "unknown" when the child timed out."""
     if arch is None:
-        return (f"GPU memory: no estimate, the architecture of {recipe.model['name']} is unknown (not local, "
+        return (f"GPU memory: no estimate, the architecture of {recipe.model.name} is unknown (not local, "
                 f"not cached, not in app/memory.py's table)"), {}
     est = estimate_training_memory(recipe, arch=arch)
     shape = f"batch {est.batch} x max_length {est.length}"
@@ -348,9 +346,9 @@ def check_gpu_memory(recipe, arch, arch_source: str, cuda: dict | str | None) ->
     if cuda is None:
         return (f"GPU memory: estimated peak {est.total:.1f} GiB at {shape} ({est.summary()}; from {arch_source}); "
                 f"no GPU is present (no CUDA device), so there is nothing to compare it with"
-                + ("; this recipe sets model.requires_gpu" if recipe.model.get("requires_gpu") else "")), {}
+                + ("; this recipe sets model.requires_gpu" if recipe.model.requires_gpu else "")), {}
     free, gpu = cuda["free"] / GiB, f"{cuda['name']} ({cuda['total'] / GiB:.0f} GiB)"
-    if recipe.model.get("auto_fit") and not _is_run_recipe(recipe):
+    if recipe.model.auto_fit and not _is_run_recipe(recipe):
         changes, sentence = fit_to_memory(recipe, free, arch)
         if estimate_training_memory(with_training_changes(recipe, changes), arch=arch).total > free:
             raise AppError(f"{sentence} on {gpu}; fix: a shorter dpo.max_length, a smaller model or a larger GPU")
@@ -384,7 +382,7 @@ def check_after_training(recipe, arch, cuda: dict | str | None, offload: bool) -
     free_gpu = max(0, cuda["free"] - CUDA_CONTEXT_GIB * GiB) if isinstance(cuda, dict) else None
     place = reference_placement(arch.params, 2, free_gpu, psutil.virtual_memory().available)
     files = []
-    for kind in recipe.export["gguf"]:
+    for kind in recipe.export.gguf:
         size = GGUF_BITS[kind] / 8 * arch.params
         n = gpu_layers_for(int(size), arch.layers, free_gpu, offload)
         files.append(f"{kind} {size / GiB:.1f} GiB " + ("on the GPU" if n == -1 else f"{n} of {arch.layers} layers on the GPU"
@@ -424,7 +422,7 @@ def tokenizer_key(recipe, folder: Path, home: Path) -> str:
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES)
                        and not p.name.endswith(".index.json")):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
-    settings = [recipe.model.get(k) for k in ("name", "chat_template", "trust_remote_code")]
+    settings = [recipe.model.name, recipe.model.chat_template, recipe.model.trust_remote_code]
     versions = [importlib.metadata.version(p) for p in ("transformers", "tokenizers", "llama_cpp_python")]
     stamp = home / "VERSION"
     h.update(json.dumps([settings, versions, stamp.read_text() if stamp.is_file() else None]).encode())

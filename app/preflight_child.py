@@ -47,11 +47,11 @@ class Probe:
         from app.model import BUILT, local_folder
         from app.recipe import save_recipe
         self.tmp = Path(tempfile.mkdtemp(prefix="prefalign-preflight-"))
-        name = str(recipe.model["name"])
+        name = recipe.model.name
         if name not in BUILT and local_folder(name):  # resolved here: the child runs in the repository root
-            recipe = dataclasses.replace(recipe, model={**recipe.model, "name": str(local_folder(name))})
+            recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name=str(local_folder(name))))
         save_recipe(recipe, self.tmp / "recipe.yaml")
-        self.recipe_model = recipe.model["name"]
+        self.recipe_model = recipe.model.name
         spec = {"recipe": str(self.tmp / "recipe.yaml"), "folder": str(folder) if folder else None,
                 "llamacpp_home": str(llamacpp_home), "out": str(self.tmp / "result.json"),
                 "step": str(self.tmp / "step.txt")}
@@ -126,7 +126,7 @@ def probe(spec: dict) -> dict:
         Path(spec["step"]).write_text(name)
 
     recipe = load_recipe(spec["recipe"])
-    folder, name = Path(spec["folder"]), str(recipe.model["name"])
+    folder, name = Path(spec["folder"]), recipe.model.name
     step("tokenizer")
     try:
         tokenizer = load_tokenizer(recipe)

@@ -1,7 +1,8 @@
 """Recipes: one YAML file per model or method, validated before anything heavy is loaded.
 
-A recipe has seven sections of ours, `model`, `lora`, `data`, `rewards`, `export`, `eval` and `launch`, whose keys, defaults, types and
-help live in the dataclasses below (one place: validation, defaults and `--help`-style docs all read them);
+A recipe has seven sections of ours, `model`, `lora`, `data`, `rewards`, `export`, `eval` and `launch`, whose
+keys, defaults, types and help live in the dataclasses below (one place: validation, defaults and `--help`-style
+docs all read them; the code reads them as attributes, `recipe.model.name`);
 one section per training method whose keys are that TRL config's own field names (checked against TRL's
 dataclass, parsed from its source, so a field TRL adds works here unchanged); and three optional top-level
 keys: `name` (defaults to the file's stem), `stages` (the methods a recipe runs, in order, each starting
@@ -117,29 +118,25 @@ OURS = {"model": ModelSection, "lora": LoraSection, "data": DataSection, "reward
 DTYPES = (None, "auto", "float32", "float16", "bfloat16")
 
 
-def section_defaults(section: str) -> dict:
-    return dataclasses.asdict(OURS[section]())
-
-
 SECTIONS = [*OURS, *METHODS]
 
 
 @dataclasses.dataclass
 class Recipe:
-    name: str      # the file's stem: `tiny`, `llama3-8b`
-    path: Path     # where it was read from
-    model: dict
-    lora: dict
-    data: dict
-    rewards: dict  # where grpo and rloo get their reward
-    export: dict
-    eval: dict     # lm-eval tasks for `python -m app eval`
-    launch: dict   # how --processes N launches the training (accelerate)
-    stages: list   # methods, run in order: [dpo], [sft, dpo], ...
-    methods: dict  # method -> keyword arguments for its TRL config: methods["dpo"] for trl.DPOConfig, ...
+    name: str                # the file's stem: `tiny`, `llama3-8b`
+    path: Path               # where it was read from
+    model: ModelSection
+    lora: LoraSection
+    data: DataSection
+    rewards: RewardsSection  # where grpo and rloo get their reward
+    export: ExportSection
+    eval: EvalSection        # lm-eval tasks for `python -m app eval`
+    launch: LaunchSection    # how --processes N launches the training (accelerate)
+    stages: list             # methods, run in order: [dpo], [sft, dpo], ...
+    methods: dict            # method -> keyword arguments for its TRL config: methods["dpo"] for trl.DPOConfig, ...
 
     def to_dict(self) -> dict:
-        return {"stages": self.stages, **{s: getattr(self, s) for s in OURS}, **self.methods}
+        return {"stages": self.stages, **{s: dataclasses.asdict(getattr(self, s)) for s in OURS}, **self.methods}
 
     def with_method(self, method: str, changes: dict) -> "Recipe":
         """A new recipe whose `method` section has `changes` applied."""
@@ -197,20 +194,20 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
             raise AppError(f"{path}: section '{section}' must be a mapping of keys to values")
         valid = {f.name for f in dataclasses.fields(OURS[section])} if section in OURS else trl_config_fields(section)
         _check_keys(path, given, section + ".", valid)
-        sections[section] = {**(section_defaults(section) if section in OURS else {}), **given}
+        sections[section] = OURS[section](**given) if section in OURS else dict(given)
     recipe = Recipe(name=str(name), path=path, stages=stages, **{s: sections[s] for s in OURS},
                     methods={m: sections[m] for m in METHODS})
     _check_values(recipe)
-    if recipe.model["full_finetuning"]:
+    if recipe.model.full_finetuning:
         if "reward" in recipe.stages:
             raise AppError(f"{path}: model.full_finetuning is for the methods that train a chat model (sft, dpo, orpo, "
                            f"kto); a reward model trains LoRA and its score head: run it in a recipe of its own")
         unused = (["its lora section"] if raw.get("lora") else []) + (
-            ["model.load_in_4bit"] if recipe.model["load_in_4bit"] else [])
+            ["model.load_in_4bit"] if recipe.model.load_in_4bit else [])
         if unused:  # tiny.yaml has both: a warning, so `--set model.full_finetuning=true` works on any recipe
             logger.warning(f"recipe '{recipe.name}' sets model.full_finetuning: every weight trains in 16 bits, so "
                            f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used")
-        recipe.model["load_in_4bit"] = False  # what runs, as the run's recipe.yaml and the planner read it
+        recipe.model.load_in_4bit = False  # what runs, as the run's recipe.yaml and the planner read it
     return recipe
 
 
@@ -251,9 +248,9 @@ def _check_keys(path, given: dict, prefix: str, valid):
 
 def _check_values(r: Recipe):
     where = f"{r.path}:"
-    if not r.model.get("name"):
+    if not r.model.name:
         raise AppError(f"{where} model.name is required (a hub id, a local folder, or 'tiny')")
-    if not r.data.get("source"):
+    if not r.data.source:
         raise AppError(f"{where} data.source is required (a hub dataset id or a local .jsonl/.json/.csv/.parquet)")
     _check_types(r)
     for method in ("dpo", "orpo", "kto"):
@@ -265,11 +262,11 @@ def _check_values(r: Recipe):
     for loss in [losses] if isinstance(losses, str) else losses:
         if loss not in known:
             raise AppError(f"{where} dpo.loss_type '{loss}' is not one TRL's DPOTrainer knows: {', '.join(known)}")
-    share = r.data["eval_share"]
+    share = r.data.eval_share
     if not isinstance(share, (int, float)) or not 0 <= share < 1:
         raise AppError(f"{where} data.eval_share must be a number in [0, 1), got {share!r}")
-    if not isinstance(r.data["eval_pairs"], int) or r.data["eval_pairs"] < 0:
-        raise AppError(f"{where} data.eval_pairs must be a whole number >= 0, got {r.data['eval_pairs']!r}")
+    if not isinstance(r.data.eval_pairs, int) or r.data.eval_pairs < 0:
+        raise AppError(f"{where} data.eval_pairs must be a whole number >= 0, got {r.data.eval_pairs!r}")
     for method in METHODS:
         for key in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps"):
             value = r.methods[method].get(key)
@@ -277,11 +274,11 @@ def _check_values(r: Recipe):
                 raise AppError(f"{where} {method}.{key} must be a positive integer"
                                f"{' (or -1: train for num_train_epochs)' if key == 'max_steps' else ''}, got {value!r}")
     check_stages(r, r.stages)
-    for key, path in (("rewards.functions", r.rewards["functions"]), ("launch.config", r.launch["config"])):
+    for key, path in (("rewards.functions", r.rewards.functions), ("launch.config", r.launch.config)):
         if path and not repo_path(path).is_file():
             raise AppError(f"{where} {key}: {path} does not exist")
     from app.gguf import GGUF_TYPES
-    for t in r.export["gguf"]:
+    for t in r.export.gguf:
         if t not in GGUF_TYPES:
             raise AppError(f"{where} export.gguf type '{t}' is not one of {', '.join(GGUF_TYPES)}")
 
@@ -289,7 +286,7 @@ def _check_values(r: Recipe):
 def check_stages(r: Recipe, stages: list):
     """What the stages a command runs need of the recipe: an online method needs a reward."""
     online = [s for s in stages if s in ONLINE]
-    if online and not (r.rewards["run"] or r.rewards["functions"] or "reward" in stages[:stages.index(online[0])]):
+    if online and not (r.rewards.run or r.rewards.functions or "reward" in stages[:stages.index(online[0])]):
         raise AppError(f"{r.path}: {online[0]} learns from a reward, and this recipe names none: set rewards.run (a "
                        f"reward run's folder), rewards.functions (a Python file of reward functions), or put a reward "
                        f"stage before it (stages: [sft, reward, {online[0]}])")
@@ -314,7 +311,7 @@ def our_key_types(section: str) -> dict:
 def _check_types(r: Recipe):
     """Wrong types are said here, not as a crash after the model has loaded: our keys from their annotations,
     and every TRL field whose annotation is plain (int, float, bool, str, None) from TRL's own source."""
-    checks = [(f"{s}.{k}", getattr(r, s)[k], kinds) for s in OURS for k, kinds in our_key_types(s).items()]
+    checks = [(f"{s}.{k}", getattr(getattr(r, s), k), kinds) for s in OURS for k, kinds in our_key_types(s).items()]
     for method in METHODS:
         annotations = trl_config_types(method)
         checks += [(f"{method}.{k}", v, annotations[k]) for k, v in r.methods[method].items()
@@ -334,51 +331,47 @@ def _check_types(r: Recipe):
             raise AppError(f"{r.path}: {key} must be {' or '.join(TYPE_NAMES[k] for k in kinds)}{also}, got {value!r}{hint}")
         if key in positive and value is not None and value <= 0:
             raise AppError(f"{r.path}: {key} must be positive, got {value!r}")
-    if r.model["dtype"] not in DTYPES:
+    if r.model.dtype not in DTYPES:
         raise AppError(f"{r.path}: model.dtype must be one of {', '.join(map(str, DTYPES[1:]))} (or null), "
-                       f"got {r.model['dtype']!r}")
+                       f"got {r.model.dtype!r}")
 
 
 def trl_config_types(method: str) -> dict:
     """{field: tuple of Python types} for the fields of a method's TRL config annotated with plain types
     only (`float`, `int | None`, `Optional[bool]`, ...); fields with other annotations are not listed."""
     plain = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
-    classes, types, name = _trl_classes(method), {}, METHODS[method].config
-    while name in classes:  # the subclass first: its annotation wins
-        for n in classes[name].body:
-            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.target.id not in types:
-                text = ast.unparse(n.annotation)
-                text = re.sub(r"^Optional\[(.*)\]$", r"\1 | None", text)
-                parts = [p.strip() for p in re.sub(r"^Union\[(.*)\]$", r"\1", text).replace(",", "|").split("|")]
-                types[n.target.id] = tuple(plain[p] for p in parts) if all(p in plain for p in parts) else None
-        name = next((b.id for b in classes[name].bases if isinstance(b, ast.Name)), None)
+    types = {}
+    for n in _config_fields(method):
+        if n.target.id not in types:  # the subclass first: its annotation wins
+            text = re.sub(r"^Optional\[(.*)\]$", r"\1 | None", ast.unparse(n.annotation))
+            parts = [p.strip() for p in re.sub(r"^Union\[(.*)\]$", r"\1", text).replace(",", "|").split("|")]
+            types[n.target.id] = tuple(plain[p] for p in parts) if all(p in plain for p in parts) else None
     return {k: v for k, v in types.items() if v}
 
 
 def trl_config_default(method: str, key: str):
     """A field's default in a method's TRL config (subclass first), read from its source: the one place the
     app learns e.g. DPOConfig's beta or max_length when a recipe leaves them out."""
-    classes, name = _trl_classes(method), METHODS[method].config
-    while name in classes:
-        for n in classes[name].body:
-            if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", None) == key and n.value is not None:
-                default = next((k.value for k in getattr(n.value, "keywords", []) if k.arg == "default"), n.value)
-                return ast.literal_eval(default)
-        name = next((b.id for b in classes[name].bases if isinstance(b, ast.Name)), None)
+    for n in _config_fields(method):
+        if n.target.id == key and n.value is not None:
+            default = next((k.value for k in getattr(n.value, "keywords", []) if k.arg == "default"), n.value)
+            return ast.literal_eval(default)
     raise KeyError(f"{METHODS[method].config} has no field {key}")
 
 
 def trl_text_fields(method: str) -> set[str]:
     """Fields of a method's TRL config that take text (an enum's name, e.g. eval_strategy) and no boolean."""
-    classes, fields, name = _trl_classes(method), set(), METHODS[method].config
+    return {n.target.id for n in _config_fields(method)
+            if re.search(r"\bstr\b", ast.unparse(n.annotation)) and not re.search(r"\bbool\b", ast.unparse(n.annotation))}
+
+
+def _config_fields(method: str):
+    """The annotated fields (ast.AnnAssign nodes) of a method's TRL config class and then of its bases, in that
+    order: DPOConfig -> _BaseConfig -> TrainingArguments."""
+    classes, name = _trl_classes(method), METHODS[method].config
     while name in classes:
-        for n in classes[name].body:
-            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name):
-                text = ast.unparse(n.annotation)
-                if re.search(r"\bstr\b", text) and not re.search(r"\bbool\b", text):
-                    fields.add(n.target.id)
+        yield from (n for n in classes[name].body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
         name = next((b.id for b in classes[name].bases if isinstance(b, ast.Name)), None)
-    return fields
 
 
 @functools.cache
@@ -399,13 +392,7 @@ def _trl_classes(method: str) -> dict:
 def trl_config_fields(method: str) -> set[str]:
     """The field names of a method's TRL config (e.g. DPOConfig), TrainingArguments' included.
     tests/test_recipes.py checks that this equals dataclasses.fields() of each imported class."""
-    classes, fields, name = _trl_classes(method), set(), METHODS[method].config
-    while name in classes:  # DPOConfig -> _BaseConfig -> TrainingArguments
-        cls = classes[name]
-        fields |= {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
-                   and not n.target.id.startswith("_")}
-        name = next((b.id for b in cls.bases if isinstance(b, ast.Name)), None)
-    return fields
+    return {n.target.id for n in _config_fields(method) if not n.target.id.startswith("_")}
 
 
 def dpo_loss_types() -> list[str]:
@@ -417,6 +404,13 @@ def dpo_loss_types() -> list[str]:
 
 
 def save_recipe(recipe: Recipe, path: Path):
-    """The resolved recipe (defaults and overrides applied), so a run folder says exactly what ran."""
+    """The resolved recipe (defaults and overrides applied), so a run folder says exactly what ran (full
+    fine-tuning uses no lora section, so none is written)."""
     header = f"# resolved from {recipe.path.name}; rerun with: python -m app train {path}\n"
-    path.write_text(header + yaml.safe_dump({"name": recipe.name, **recipe.to_dict()}, sort_keys=False))
+    sections = {k: v for k, v in recipe.to_dict().items() if not (k == "lora" and recipe.model.full_finetuning)}
+    path.write_text(header + yaml.safe_dump({"name": recipe.name, **sections}, sort_keys=False))
+
+
+def run_recipe(run: Path) -> Recipe:
+    """The recipe a run folder was trained with: its resolved recipe.yaml, read and checked like any recipe."""
+    return load_recipe(str(run / "recipe.yaml"))

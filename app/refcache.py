@@ -99,7 +99,7 @@ def key_parts(trainer, model_folder: Path | None, recipe) -> dict | None:
         "chat_template": hashlib.sha256(str(getattr(tok, "chat_template", "")).encode()).hexdigest(),
         "special_ids": [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id],
         "dpo": {f: getattr(args, f, None) for f in REFERENCE_FIELDS},
-        "load_in_4bit": bool(recipe.model.get("load_in_4bit")), "dtype": str(model.dtype),
+        "load_in_4bit": recipe.model.load_in_4bit, "dtype": str(model.dtype),
         "autocast": [bool(args.bf16), bool(args.fp16)], "device": torch.device(trainer.accelerator.device).type,
         "versions": versions,
     }

@@ -7,10 +7,9 @@ import json
 import os
 from pathlib import Path
 
-import yaml
-
 from app.evaluate import preference_headline
 from app.gguf import gguf_type
+from app.recipe import run_recipe
 from app.runs import EXPORTS, write_text
 
 PLOTS = ("loss", "rewards", "logps", "heldout_accuracy")
@@ -21,7 +20,7 @@ def summarize_run(run: Path) -> dict | None:
     train, recipe = read_json(run / "train.json"), run / "recipe.yaml"
     if train is None or not recipe.is_file():
         return None
-    recipe = yaml.safe_load(recipe.read_text())
+    recipe = run_recipe(run)
     smoke, bench = read_json(run / "smoke.json"), benchmark_summary(read_json(run / "eval.json"))
     pref = train.get("preference", {})
     before, after = pref.get("base", {}), pref.get("trained", {})
@@ -35,8 +34,8 @@ def summarize_run(run: Path) -> dict | None:
                                                          "passed": None, "accuracy": None,
                                                          "reward_accuracy": None})
     return {
-        "run": run.name, "recipe": recipe.get("name") or run.name.rsplit("-", 2)[0], "method": train.get("method", "dpo"),
-        "model": recipe["model"]["name"], "data": str(recipe["data"]["source"]),
+        "run": run.name, "recipe": recipe.name, "method": train.get("method", "dpo"),
+        "model": recipe.model.name, "data": recipe.data.source,
         "steps": train["steps"], "train_seconds": train["train_seconds"], "peak_memory_gb": train["peak_memory_gb"],
         "pairs": after.get("pairs", 0), "accuracy_before": before.get("accuracy"),
         "accuracy_after": after.get("accuracy"), "reward_accuracy_after": after.get("reward_accuracy"),

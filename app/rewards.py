@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from app import AppError, repo_path
-from app.recipe import load_recipe
+from app.recipe import run_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def load_reward_run(run: Path):
     """(model, tokenizer) of a reward run that reward_run accepted, for score_replies."""
     from app.model import import_unsloth, load_trained_reward_model
 
-    recipe = load_recipe(str(run / "recipe.yaml"))
+    recipe = run_recipe(run)
     import_unsloth()  # before transformers and PEFT, as everywhere else
     return load_trained_reward_model(recipe, run / "adapter")
 
@@ -37,12 +37,12 @@ def load_rewards(recipe) -> tuple[list, list]:
     its adapter merged into its base (a plain sequence classifier, which TRL scores each reply with through
     its own tokenizer), then the functions of rewards.functions; TRL adds their scores."""
     funcs, tokenizers = [], []
-    if recipe.rewards.get("run"):
-        scorer, tokenizer = load_reward_run(reward_run(recipe.rewards["run"]))
+    if recipe.rewards.run:
+        scorer, tokenizer = load_reward_run(reward_run(recipe.rewards.run))
         funcs.append(scorer.merge_and_unload())
         tokenizers.append(tokenizer)
-    if recipe.rewards.get("functions"):
-        found = load_reward_functions(repo_path(recipe.rewards["functions"]))
+    if recipe.rewards.functions:
+        found = load_reward_functions(repo_path(recipe.rewards.functions))
         funcs += found
         tokenizers += [None] * len(found)
     return funcs, tokenizers

@@ -43,7 +43,7 @@ def make_trainer(method: str, model, tokenizer, data, recipe, run: Path, callbac
     # TRL's own defaults wherever Unsloth's generated config on a GPU would put its own, so that one recipe
     # trains alike on the CPU and on a GPU; the recipe's values win
     fields = {**trl_defaults_unsloth_replaces(method), **recipe.methods[method]}
-    if method == "dpo" and recipe.model.get("full_finetuning"):
+    if method == "dpo" and recipe.model.full_finetuning:
         # no adapter to turn off: the reference is TRL's own, a second copy of the weights that it loads
         # (precompute_ref_log_probs false) or one pass of the starting weights before training (true, auto).
         # Launched (app/launch.py), the copy: TRL's pass caches the log-probs of an in-memory dataset in a
@@ -123,13 +123,13 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")
     trainer = make_trainer(method, model, tokenizer, data, recipe, run, [log])
     # under accelerate launch (app/launch.py) every rank trains; rank 0 alone measures and writes
-    main, full = trainer.is_world_process_zero(), bool(recipe.model.get("full_finetuning"))
+    main, full = trainer.is_world_process_zero(), recipe.model.full_finetuning
     reference = None
     if method == "dpo" and full:
         reference = full_finetuning_reference(trainer)
     elif method == "dpo":  # from the cache, scored once, or in every step (precompute_ref_log_probs)
         with progress.stage("reference"):
-            reference = attach_reference_log_probs(trainer, recipe, local_model_folder(str(recipe.model["name"])))
+            reference = attach_reference_log_probs(trainer, recipe, local_model_folder(recipe.model.name))
     if reference and main:
         print(reference_line(reference))
     args, causal = trainer.args, METHODS[method].chat_model
@@ -137,8 +137,8 @@ def train(method: str, model, tokenizer, data, recipe, run: Path, resume_from: P
     beta = getattr(args, "beta", None) or trl_config_default("dpo", "beta")
 
     # before: LoRA B starts at zero (or nothing trained yet), so the model is still the base (reward: a random head)
-    probes = recipe.export["probes"] if causal else []
-    pairs, too_long = held_out_pairs(data.pairs, tokenizer, recipe.data["eval_pairs"], getattr(args, "max_length", None))
+    probes = recipe.export.probes if causal else []
+    pairs, too_long = held_out_pairs(data.pairs, tokenizer, recipe.data.eval_pairs, getattr(args, "max_length", None))
     score = score_pairs_hf if causal else score_pairs_reward
     before, base_scores = [], []
     if main:

@@ -157,6 +157,7 @@ def run_arm(args, work: Path):
     from transformers import TrainerCallback
 
     from app.data import load_preference_data
+    from app.recipe import DataSection
 
     class StepTimer(TrainerCallback):
         """(seconds, tokens seen) at the start of training and at the end of every step."""
@@ -178,7 +179,7 @@ def run_arm(args, work: Path):
     t0 = time.perf_counter()
     model, tokenizer = (load_unsloth if args.arm.startswith("unsloth") else load_baseline)(args, work / "model")
     load_s = time.perf_counter() - t0
-    data = load_preference_data({"source": info["data"], "eval_share": 0, "seed": 0}).train
+    data = load_preference_data(DataSection(source=info["data"], eval_share=0, seed=0)).train
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the peak of training (the loaded weights stay counted)
     timer = StepTimer()
@@ -210,7 +211,7 @@ def load_unsloth(args, model_dir: Path):
         f"model.name={model_dir}", f"model.max_seq_length={max(args.max_length)}",
         f"model.load_in_4bit={'true' if cuda else 'false'}", f"model.dtype={'null' if cuda else 'float32'}",
         f"lora.r={LORA_R}", f"lora.lora_alpha={LORA_R}", "lora.lora_dropout=0.0"])
-    assert recipe.lora["target_modules"] == TARGETS, "the two arms must adapt the same projections"
+    assert recipe.lora.target_modules == TARGETS, "the two arms must adapt the same projections"
     return load_model(recipe, str(model_dir))
 
 

@@ -69,7 +69,7 @@ def one_run(args):
     work = Path(args.out).parent
     trainer = make_trainer("dpo", model, tokenizer, data, recipe, work / "run", [])
     t1 = time.perf_counter()
-    info = attach_reference_log_probs(trainer, recipe, local_model_folder(str(recipe.model["name"])),
+    info = attach_reference_log_probs(trainer, recipe, local_model_folder(recipe.model.name),
                                       cache=Path(args.cache))
     t2 = time.perf_counter()
     if data.eval is not None:  # as app/train.py: an evaluation at step 0 and one at the end

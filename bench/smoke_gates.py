@@ -62,18 +62,18 @@ def main():
     run = Path(args.run) if args.run else max((ROOT / "exports").glob("smollm2-135m-dpo-*"), default=None)
     if run is None or not (run / "merged").is_dir():
         sys.exit("no run with merged weights: run `make dpo MODEL=smollm2-135m` first, or name one")
-    from app.recipe import load_recipe
+    from app.recipe import run_recipe
     from app.smoke import check_ggufs, logit_limits
 
     load_at_start = load_average()
-    recipe = load_recipe(str(run / "recipe.yaml"))
+    recipe = run_recipe(run)
     evaluation = json.loads((run / "preference_eval.json").read_text())
     with tempfile.TemporaryDirectory(prefix="bench-smoke-") as tmp:
         work = Path(tmp)
         files = (variant(run / "merged", work, "correct", None, TYPES)
                  + variant(run / "merged", work, "layers-10-11-swapped", swap_layers, BROKEN_TYPES)
                  + variant(run / "merged", work, "layer-15-mlp-30pct-off", noisy_mlp, BROKEN_TYPES))
-        results = check_ggufs(run / "merged", files, recipe.export["probes"], evaluation["pairs"],
+        results = check_ggufs(run / "merged", files, recipe.export.probes, evaluation["pairs"],
                               log=lambda *a: None, beta=evaluation["beta"])
     rows = []
     for r in results:
@@ -87,9 +87,9 @@ def main():
     print(text)
     if args.no_record:
         return
-    notes = [f"run: {run.name} ({recipe.model['name']}); reference: the merged model in "
+    notes = [f"run: {run.name} ({recipe.model.name}); reference: the merged model in "
              f"{results[0]['reference_dtype']}, logit scale {results[0]['logit_scale']:.1f} (its largest |logit|); "
-             f"probes {recipe.export['probes']}, {len(evaluation['pairs'])} held-out pairs.",
+             f"probes {recipe.export.probes}, {len(evaluation['pairs'])} held-out pairs.",
              "Shares of the logit scale. Exact types are judged on their largest error, quantized ones on their mean "
              "error and raw top-1 (app/gguf.py THRESHOLDS); `greedy` is the share of the reference's greedy reply "
              "tokens a file reproduces before it parts from it."]

@@ -21,6 +21,7 @@ import pytest
 
 from app import ROOT, AppError
 from app.cli import main
+from app.recipe import RECIPES
 from app.runs import EXPORTS
 
 BAD = Path("tests/bad_inputs")  # relative to the repository, as a user would type it
@@ -151,7 +152,7 @@ CASES = {
     "report: RUN outside exports/": (lambda t: ["report", str(t.tmp)], "is outside exports/"),
     "resume: RUN outside exports/": (lambda t: ["dpo", "--resume", str(t.tmp)], "is outside exports/"),
     "export: no such run": (["export", "no-such-run"], "run 'no-such-run' not found"),
-    "export: run without adapter": (lambda t: ["export", str(t.run("no-adapter", {"recipe.yaml": "{}"}))],
+    "export: run without adapter": (lambda t: ["export", str(t.run("no-adapter", {"recipe.yaml": (RECIPES / "tiny.yaml").read_text()}))],
                                     "has no adapter/ (its training did not finish)"),
     # GGUF files
     "chat: truncated GGUF": (["chat", gguf("truncated.gguf")], "llama.cpp could not load truncated.gguf: the file is "
@@ -297,7 +298,7 @@ def test_trust_remote_code_is_off_unless_the_recipe_turns_it_on_and_then_it_warn
     from app.recipe import load_recipe
 
     recipe = load_recipe(BASE)
-    assert recipe.model["trust_remote_code"] is False and recipe.model["allow_pickle"] is False
+    assert recipe.model.trust_remote_code is False and recipe.model.allow_pickle is False
     assert load_options(recipe) == {"trust_remote_code": False, "use_safetensors": True}
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     trusting = load_recipe(BASE, ["model.trust_remote_code=true"])

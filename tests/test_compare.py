@@ -10,7 +10,7 @@ from app.cli import main
 from app.compare import blockquote, compare_run
 from app.export import BASE_GGUF, convert_base_model
 from app.model import resolve_model_source
-from app.recipe import load_recipe
+from app.recipe import load_recipe, run_recipe
 from app.runs import EXPORTS
 from app.smoke import check_ggufs
 
@@ -49,7 +49,7 @@ def compared(copy_run):
 
 def test_compare_writes_both_replies_for_every_probe_and_alignment_shows(compared):
     run, rows = compared
-    probes = load_recipe(str(run / "recipe.yaml")).export["probes"]
+    probes = run_recipe(run).export.probes
     assert [row["prompt"] for row in rows] == probes
     assert all(row["base"] and row["aligned"] for row in rows), rows
     assert len(sections(run)) == len(probes)
@@ -82,16 +82,16 @@ def test_a_missing_prompts_file_is_one_sentence_and_exit_status_2(copy_run, tmp_
 
 
 def test_compare_uses_the_base_gguf_that_export_base_writes(tiny_run, compared, copy_run):
-    assert load_recipe("tiny").export["base"] is False
+    assert load_recipe("tiny").export.base is False
     recipe = load_recipe(str(tiny_run / "recipe.yaml"), ["export.base=true"])
-    assert recipe.export["base"] is True
+    assert recipe.export.base is True
     run = copy_run()
     source = resolve_model_source(recipe)
     quiet = lambda line: None  # noqa: E731
     gguf = convert_base_model(source, tiny_run / "merged", run / BASE_GGUF.parent, log=quiet)
     assert gguf == run / BASE_GGUF
     # the smoke test's checks, against the base model itself: the file is the base, chat template included
-    (checked,) = check_ggufs(Path(source), [gguf], recipe.export["probes"], log=quiet)
+    (checked,) = check_ggufs(Path(source), [gguf], recipe.export.probes, log=quiet)
     assert checked["passed"], checked["reason"]
 
     rows = compare_run(run, log=quiet)

@@ -6,6 +6,7 @@ import pytest
 from app import ROOT
 from app.cli import main
 from app.data import load_preference_data, normalize_rows, read_rows
+from app.recipe import DataSection
 
 DATA = ROOT / "tests" / "data"
 
@@ -65,8 +66,8 @@ def test_a_dataset_folder_loads_through_the_hub_code_path(tmp_path):
                                 for i in range(50)]).save_to_disk(str(tmp_path / "saved"))
     folder = tmp_path / "hub-like"
     datasets.load_from_disk(str(tmp_path / "saved")).to_parquet(str(folder / "train.parquet"))
-    data = load_preference_data({"source": str(folder), "split": "train", "eval_share": 0.2, "seed": 1})
-    again = load_preference_data({"source": str(folder), "split": "train", "eval_share": 0.2, "seed": 1})
+    data = load_preference_data(DataSection(source=str(folder), split="train", eval_share=0.2, seed=1))
+    again = load_preference_data(DataSection(source=str(folder), split="train", eval_share=0.2, seed=1))
     assert (len(data.train), len(data.eval)) == (40, 10) and data.eval["prompt"] == again.eval["prompt"]
     assert not {m[0]["content"] for m in data.train["prompt"]} & {m[0]["content"] for m in data.eval["prompt"]}
 
@@ -100,6 +101,6 @@ def test_a_named_eval_split_is_the_held_out_set(tmp_path):
     for split, n in (("train", 30), ("test", 5)):
         datasets.Dataset.from_list([{"prompt": f"{split} q{i}", "chosen": "good", "rejected": "bad"} for i in range(n)]
                                    ).to_parquet(str(folder / f"{split}.parquet"))
-    data = load_preference_data({"source": str(folder), "split": "train", "eval_split": "test"})
+    data = load_preference_data(DataSection(source=str(folder), split="train", eval_split="test"))
     assert (len(data.train), len(data.eval)) == (30, 5)
     assert all(m[0]["content"].startswith("test") for m in data.eval["prompt"])

@@ -18,7 +18,7 @@ def test_the_recipe_says_what_full_finetuning_leaves_unused(caplog, tmp_path):
     with caplog.at_level(logging.WARNING, logger="app.recipe"):
         recipe = load_recipe("tiny", ["model.full_finetuning=true"])
     assert "its lora section and model.load_in_4bit are not used" in caplog.text
-    assert recipe.model["load_in_4bit"] is False  # what runs, in the run's recipe.yaml too
+    assert recipe.model.load_in_4bit is False  # what runs, in the run's recipe.yaml too
     reward = tmp_path / "reward.yaml"
     reward.write_text("base: tiny\nstages: [reward]\nmodel: {full_finetuning: true}\n")
     with pytest.raises(AppError, match="a reward model trains LoRA and its score head"):

@@ -56,10 +56,10 @@ def test_its_recipe_loads_and_the_memory_planner_reads_it(tmp_path):
     model.mkdir()
     (model / "config.json").write_text(json.dumps(SHAPES["gpu-check"]))
     recipe = load_recipe(str(write_recipe(tmp_path / "gpu-check.yaml", model, dry_run=False)))
-    assert recipe.model["load_in_4bit"] is True and recipe.model["dtype"] is None
+    assert recipe.model.load_in_4bit is True and recipe.model.dtype is None
     assert recipe.methods["dpo"]["max_steps"] == STEPS == 10 and recipe.methods["dpo"]["max_length"] == 512
     assert recipe.methods["dpo"]["precompute_ref_log_probs"] is True  # the up-front pass a 20,000-pair recipe takes
-    assert recipe.export["gguf"] == ["f16", "q4_k_m"]
+    assert recipe.export.gguf == ["f16", "q4_k_m"]
     assert 1.0 < estimate_training_memory(recipe).total < 4.0  # GiB: 0.14B, mostly embeddings, + 1 GiB of context
 
 

@@ -1,6 +1,7 @@
 """The shape of the house, read from the code (ast), no model: no import cycles, no stage importing a later
 one, nothing importing the entry point, and one table for what a method is."""
 import ast
+import re
 import subprocess
 
 from app import ROOT
@@ -74,3 +75,18 @@ def test_a_method_is_one_row_that_the_cli_the_recipe_and_the_makefile_read():
     targets = subprocess.run(["make", "-s", "--eval=print-methods: ; @echo $(METHODS)", "print-methods"], cwd=ROOT,
                              capture_output=True, text=True).stdout.split()
     assert targets == list(METHODS)
+
+
+def test_a_recipe_is_read_in_one_place_and_used_typed():
+    """recipe.yaml (a recipe's or a run's) is parsed by app/recipe.py alone, into one typed `Recipe` whose own
+    sections are dataclasses: no module re-reads it as raw YAML, and none indexes a section like a dict."""
+    from app.recipe import OURS, load_recipe
+
+    yaml_readers = sorted(p.stem for p in (ROOT / "app").glob("*.py") if "import yaml" in p.read_text())
+    assert yaml_readers == ["pairs", "recipe"]  # pairs: a constitution file, not a recipe
+    indexed = re.compile(rf"\brecipe\.({'|'.join(OURS)})(\[|\.get\()")
+    dict_style = [f"{p.name}: {line.strip()}" for p in (ROOT / "app").glob("*.py") for line in p.read_text().splitlines()
+                  if indexed.search(line)]
+    assert dict_style == []
+    recipe = load_recipe("tiny")
+    assert all(isinstance(getattr(recipe, s), cls) for s, cls in OURS.items())

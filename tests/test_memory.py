@@ -11,11 +11,11 @@ def test_table_matches_the_recipes_parameter_counts():
     seen = set()
     for name in recipe_names():
         recipe = load_recipe(name)
-        if str(recipe.model["name"]).lower() in ARCHITECTURES:
+        if recipe.model.name.lower() in ARCHITECTURES:
             arch, _ = architecture(recipe)
-            stated = parse_params(recipe.model["params"])
+            stated = parse_params(recipe.model.params)
             assert abs(arch.params - stated) / stated < 0.03, (name, arch.params, stated)
-            seen.add(str(recipe.model["name"]).lower())
+            seen.add(recipe.model.name.lower())
     assert seen == set(ARCHITECTURES)  # every entry belongs to a recipe
 
 

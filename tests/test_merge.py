@@ -14,13 +14,13 @@ import torch
 from app import AppError
 from app.export import check_merged_weights, merge_adapter, merge_verdict, weight_error
 from app.model import load_trained_model
-from app.recipe import load_recipe
+from app.recipe import run_recipe
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_run):
-    recipe = load_recipe(str(tiny_run / "recipe.yaml"))
-    assert recipe.model["load_in_4bit"]  # the mission's path: tiny trains on a 4-bit base
+    recipe = run_recipe(tiny_run)
+    assert recipe.model.load_in_4bit  # the mission's path: tiny trains on a 4-bit base
     model, tokenizer = load_trained_model(recipe, tiny_run / "adapter")
     return model, tokenizer
 

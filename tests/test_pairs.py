@@ -79,13 +79,14 @@ def test_constitution_mode_pairs_the_revision_over_the_first_answer(constitution
 def test_both_outputs_load_through_app_data_and_dpo_trains_on_them(reward_pairs, constitution_pairs, tmp_path,
                                                                    new_runs):
     from app.data import inspect_data, load_preference_data
+    from app.recipe import DataSection
 
     both = tmp_path / "both.jsonl"
     rows = reward_pairs[0] + constitution_pairs[0]
     both.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    report, _ = inspect_data({"source": str(both)})
+    report, _ = inspect_data(DataSection(source=str(both)))
     assert report["rows_kept"] == len(rows) and report["dropped"] == {}  # the provenance column is no obstacle
-    loaded = load_preference_data({"source": str(both), "eval_share": 0.1})
+    loaded = load_preference_data(DataSection(source=str(both), eval_share=0.1))
     assert len(loaded.train) + len(loaded.eval) == len(rows)
     recipe = tmp_path / "pairs-dpo.yaml"  # a name of its own, so that no other process's tiny run is taken for it
     recipe.write_text("base: tiny\nname: pairs-dpo\n")

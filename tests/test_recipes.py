@@ -59,5 +59,5 @@ def load_recipe_with_stages(stages):
 def test_overrides_change_single_keys_and_are_parsed_as_yaml():
     recipe = load_recipe("tiny", ["dpo.beta=0.2", "dpo.max_steps=7", "export.gguf=[f16]", "lora.r=4"])
     assert recipe.methods["dpo"]["beta"] == 0.2 and recipe.methods["dpo"]["max_steps"] == 7
-    assert recipe.export["gguf"] == ["f16"] and recipe.lora["r"] == 4
-    assert recipe.lora["lora_alpha"] == 32  # the rest of the recipe stays
+    assert recipe.export.gguf == ["f16"] and recipe.lora.r == 4
+    assert recipe.lora.lora_alpha == 32  # the rest of the recipe stays
