@@ -10,8 +10,8 @@ from pathlib import Path
 
 from app import ROOT
 from app.generate import CONTEXT
-from app.report import fmt_num, fmt_pct, read_json
-from app.runs import write_text
+from app.report import fmt_num, fmt_pct
+from app.runs import read_json, write_text
 
 HUB_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from app import ROOT, AppError, child_env
 from app.progress import last_stage, read_events, stage_seconds
-from app.runs import EXPORTS
+from app.runs import EXPORTS, read_json, read_metrics
 
 SHAPE = "gpu-check"  # the dry run too: 1.5 minutes on two idle CPU cores, 4 when they are shared
 WORK = ROOT / ".cache" / "gpu-check"  # recipe, probe and logs of the last check
@@ -322,16 +322,14 @@ def failure_sentence(events: list[dict], lines: list[str]) -> str:
 def figures(run: Path, recipe_path: Path, dry_run: bool) -> dict:
     """Tokens/s, peak memory against the planner, the smoke verdicts: what the run folder holds."""
     found = {}
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(run)
+    if rows:
         speeds = [r["tokens_per_second"] for r in rows if "loss" in r and r.get("tokens_per_second")]
         found["tokens_per_second"] = round(statistics.median(speeds), 1) if speeds else None
         found["tokens_per_second_steps"] = speeds
         found["losses"] = [round(r["loss"], 4) for r in rows if "loss" in r]
-    train = run / "train.json"
-    if train.is_file():
-        t = json.loads(train.read_text())
+    t = read_json(run / "train.json")
+    if t:
         found.update(train_seconds=t.get("train_seconds"), steps_done=t.get("steps"))
         found["peak_memory_gib"] = t.get("peak_memory_gb")
         found["peak_memory_kind"] = "peak RSS of the process (CPU)" if dry_run else "torch.cuda.max_memory_allocated"
@@ -345,10 +343,10 @@ def figures(run: Path, recipe_path: Path, dry_run: bool) -> dict:
             found["measured_over_estimate"] = round(found["peak_memory_gib"] / est.total, 2)
     except Exception as e:  # the planner's own failure is a finding, not a crash of the check
         found["estimate_error"] = f"{type(e).__name__}: {e}"
-    smoke = run / "smoke.json"
-    if smoke.is_file():
+    smoke = read_json(run / "smoke.json")
+    if smoke:
         found["smoke"] = [{k: r.get(k) for k in ("file", "type", "passed", "reason", "top1_agreement", "seconds")}
-                          for r in json.loads(smoke.read_text())["results"]]
+                          for r in smoke["results"]]
     return found
 
 

@@ -3,14 +3,13 @@
 Reads recipe.yaml, train.json, metrics.jsonl, preference_eval.json, smoke.json and eval.json; writes report.md and
 plots/*.png (matplotlib). `python -m app report RUN` rebuilds them; `python -m app runs` tabulates runs.
 """
-import json
 import os
 from pathlib import Path
 
 from app.evaluate import preference_headline
 from app.gguf import gguf_type
 from app.recipe import run_recipe
-from app.runs import EXPORTS, write_text
+from app.runs import EXPORTS, read_json, read_metrics, write_text
 
 PLOTS = ("loss", "rewards", "logps", "heldout_accuracy")
 
@@ -66,7 +65,7 @@ def write_report(run: Path) -> list[str]:
         from app import AppError
         raise AppError(f"{run.name} has no train.json and recipe.yaml: not a finished training run")
     train = read_json(run / "train.json")
-    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    logs = read_metrics(run)
     smoke = read_json(run / "smoke.json") or {"results": []}
     (run / "plots").mkdir(exist_ok=True)
     plot_curves(logs, run / "plots")
@@ -299,10 +298,6 @@ def format_runs_table(rows) -> str:
                      + (f"{r['bench_tasks']}: {r['bench_base']:.3f} > {r['bench_trained']:.3f}" if r["bench_tasks"]
                         else "-"))
     return "\n".join(lines)
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def fmt_pct(x) -> str:

@@ -61,6 +61,17 @@ def write_json(path: Path, value):
     write_text(path, json.dumps(value, indent=2) + "\n")
 
 
+def read_json(path: Path):
+    """The JSON in `path`, or None where there is no such file (a run that has not reached that stage)."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """metrics.jsonl, one dict per logging step (train.py's MetricsLog); [] before the first step."""
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def write_text(path: Path, text: str):
     write_bytes(path, text.encode())
 
