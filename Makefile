@@ -8,6 +8,7 @@
 #   make compare [RUN=exports/<run>] [QUANT=q4_k_m] [PROMPTS=file]   base vs aligned replies, side by side
 #   make eval [RUN=exports/<run>] [TASKS=t1,t2] [LIMIT=N] [GGUF=q8_0] lm-eval benchmarks, base against trained
 #   make serve [RUN=exports/<run>] [QUANT=q4_k_m] [PORT=8000]        OpenAI-compatible server on 127.0.0.1
+#   make ui [PORT=8765]                                              the web app on 127.0.0.1: label, train, runs, compare, chat
 #   make gpu-check [DRY=1]                                           the GPU path in minutes (exit 2 without a GPU)
 #   make runs | bench | test | test-fast | clean                     test-fast: what trains nothing, in a minute
 #   make setup [EXTRAS="tensorboard trackio"]                       the pins; EXTRAS: optional trackers too
@@ -45,7 +46,7 @@ READY := $(VENV)/.ready-$(LLAMA_BUILD)
 METHODS := $(shell sed -n 's/^    Method."\([a-z0-9_]*\)".*/\1/p' app/methods.py)
 NOT_OFFERED := $(shell sed -n 's/^    "\([a-z0-9_]*\)": .*/\1/p' app/methods.py)
 
-.PHONY: setup gpu-check $(METHODS) $(NOT_OFFERED) preflight export smoke chat compare eval serve report runs recipes bench test test-fast clean
+.PHONY: setup gpu-check $(METHODS) $(NOT_OFFERED) preflight export smoke chat compare eval serve ui report runs recipes bench test test-fast clean
 
 setup: $(READY) $(foreach e,$(EXTRAS),$(VENV)/.extra-$(e))
 
@@ -107,6 +108,10 @@ eval: $(READY)
 
 serve: $(READY)
 	$(PY) -m app serve $(RUN) $(if $(QUANT),--quant $(QUANT)) $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
+
+# the web app: label pairs, train on them, runs, compare, chat; open the printed address (it holds the token)
+ui: $(READY)
+	$(PY) -m app ui $(if $(PORT),--port $(PORT)) $(if $(HOST),--host $(HOST))
 
 report: $(READY)
 	$(PY) -m app report $(RUN)

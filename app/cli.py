@@ -14,6 +14,7 @@ errors. Nothing else.
     python -m app pairs --prompts FILE --mode reward|constitution --out FILE [--model RUN_OR_GGUF_OR_RECIPE]
                         [--reward-run RUN] [--constitution FILE]  preference pairs from AI feedback
     python -m app serve [RUN_OR_GGUF] [--port 8000] [--api-key]  an OpenAI-compatible server for a GGUF
+    python -m app ui [--port 8765]                              a local web app: label, train, runs, compare, chat
     python -m app data inspect SOURCE [--recipe R] [--json]     a dataset as the trainer will see it
     python -m app verify [RUN]                                  re-hash a run against its manifest
     python -m app report [RUN]                                  rebuild report.md, plots/ and the model cards of a run
@@ -99,6 +100,13 @@ def main(argv=None) -> int:
                    help="every request must send it as `Authorization: Bearer KEY` (default: $PREFALIGN_API_KEY)")
     p.add_argument("--insecure", action="store_true",
                    help="allow listening beyond this machine without an API key (anyone on the network can use it)")
+    p = sub.add_parser("ui", help="a local web app: label pairs, train on them, read runs, compare, chat")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback: needs --api-key)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--api-key", default=os.environ.get("PREFALIGN_API_KEY"),
+                   help="needed beyond loopback, and then the token in the address (default: $PREFALIGN_API_KEY)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow listening beyond this machine without an API key (the printed token is the only lock)")
     p = sub.add_parser("data", help="inspect a preference dataset as the trainer will see it")
     p.add_argument("action", choices=["inspect"])
     p.add_argument("source", help="a local file or folder, or a hub dataset id")
@@ -228,6 +236,11 @@ def cmd_serve(args):
           insecure=args.insecure)
 
 
+def cmd_ui(args):
+    from app.ui import ui
+    ui(host=args.host, port=args.port, api_key=args.api_key, insecure=args.insecure)
+
+
 def cmd_data(args):
     import dataclasses
     import json
@@ -350,7 +363,7 @@ def cmd_preflight(args):
 
 
 COMMANDS = {**{m: cmd_train for m in ("train", *METHODS)}, "train-worker": cmd_train_worker, "score": cmd_score, "export": cmd_export, "smoke": cmd_smoke, "chat": cmd_chat, "compare": cmd_compare, "pairs": cmd_pairs,
-            "serve": cmd_serve, "data": cmd_data, "verify": cmd_verify, "report": cmd_report, "eval": cmd_eval,
+            "serve": cmd_serve, "ui": cmd_ui, "data": cmd_data, "verify": cmd_verify, "report": cmd_report, "eval": cmd_eval,
             "push": cmd_push, "runs": cmd_runs, "recipes": cmd_recipes, "setup": cmd_setup, "preflight": cmd_preflight,
             "gpu-check": cmd_gpu_check}
 

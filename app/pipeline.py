@@ -88,6 +88,7 @@ def run_stage(method: str, recipe, run=None, checkpoint=None, processes: int = 1
         from app.model import check_model_environment
         check_model_environment(recipe)  # said once, here, rather than by every rank
         run = start_run(method, recipe, run, checkpoint, log)
+        progress.event("run", "folder", path=str(run))  # for a process watching this one (the web app)
         with progress.stage("training"):
             launch_training(run, processes, recipe.launch.config, checkpoint, log)
         summary = json.loads((run / "train.json").read_text())
@@ -95,6 +96,7 @@ def run_stage(method: str, recipe, run=None, checkpoint=None, processes: int = 1
         with progress.stage("load"):
             data, source, model, tokenizer = load_stage(method, recipe, log)
         run = start_run(method, recipe, run, checkpoint, log)
+        progress.event("run", "folder", path=str(run))
         summary = train(method, model, tokenizer, data, recipe, run, resume_from=checkpoint, progress=progress)
         write_json(run / "train.json", summary)
     for line in training_summary_lines(summary):

@@ -20,7 +20,7 @@ class Progress:
         self.start = time.monotonic()
 
     def event(self, stage: str, what: str, **extra):
-        """One event: `what` is start, end or failed."""
+        """One event: `what` is start, end or failed (or folder: stage "run", the run folder's path)."""
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.monotonic() - self.start, 2), "stage": stage, "event": what,
@@ -72,7 +72,7 @@ def stage_seconds(events: list[dict]) -> dict:
     for e in events:
         if e["event"] == "start":
             started[e["stage"]] = e["time"]
-        else:
+        elif e["event"] in ("end", "failed"):  # not "folder", which names the run folder
             out[e["stage"]] = round(out.get(e["stage"], 0.0) + e["time"] - started.pop(e["stage"], e["time"]), 1)
     end = events[-1]["time"] if events else 0.0
     for stage, t in started.items():
