@@ -128,9 +128,17 @@ bench: $(READY)
 	$(PY) bench/offline_default.py
 	$(PY) bench/dpo_speed.py --shape $(or $(SHAPE),tiny)   # on a GPU: make bench SHAPE=llama-1b
 
-# with the tensorboard extra, so that its test (a short run writing event files) runs here and in CI
-test: $(READY) $(VENV)/.extra-tensorboard
+# with the tensorboard extra, so that its test (a short run writing event files) runs here and in CI, and with
+# Chromium for the web app's browser test
+test: $(READY) $(VENV)/.extra-tensorboard $(VENV)/.chromium
 	$(PY) -m pytest -q --durations=25 tests
+
+# Debian's Chromium and its driver for tests/test_ui_browser.py (Selenium); apt-get only where they are missing
+# (about 10 s on a Debian 12 mirror), as root or with sudo
+$(VENV)/.chromium: $(READY)
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq \
+	  && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y --no-install-recommends chromium chromium-driver; }
+	touch $@
 
 # the fast tier: every test that trains and exports nothing (verdicts, recipes, planner, bad inputs), in a minute
 test-fast: $(READY)
@@ -138,4 +146,4 @@ test-fast: $(READY)
 
 clean:
 	rm -rf $(VENV) .cache .llamacpp .pytest_cache unsloth_compiled_cache
-	find exports -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	find exports -mindepth 1 -maxdepth 1 ! -name README.md ! -name labels -exec rm -rf {} +  # labels: a person's work
