@@ -142,3 +142,29 @@ def test_the_chart_reads_the_training_lines_of_metrics(folder):
         json.dumps({"step": 10, "loss": 0.5, "mean_token_accuracy": 0.9}) + "\n")
     assert chart_points(folder) == [{"step": 5, "loss": 0.6, "accuracy": 0.75, "margin": 0.1},
                                     {"step": 10, "loss": 0.5, "accuracy": 0.9, "margin": None}]
+
+
+@pytest.mark.slow
+def test_stop_interrupts_a_training_as_ctrl_c_does(client):
+    """Start trains through the CLI in a process of its own; a second start waits for it; Stop is Ctrl-C."""
+    import time
+
+    headers = {"X-Token": TOKEN}
+    form = {"recipe": "tiny", "method": "dpo", "max_steps": 1000, "export_base": False}
+    assert client.post("/api/train/start", json=form, headers=headers).json()["command"] == \
+        "python -m app dpo tiny --set dpo.max_steps=1000"
+    assert "already running" in client.post("/api/train/start", json=form, headers=headers).json()["error"]
+    deadline, job = time.time() + 400, {}  # a clean checkout may build the tiny model first (~3 min)
+    while not (job := client.get("/api/train/status", headers=headers).json()["job"])["run"]:  # training began
+        assert job["running"] and time.time() < deadline, job
+        time.sleep(0.5)
+    run = EXPORTS / job["run"]
+    try:
+        assert client.post("/api/train/stop", headers=headers).status_code == 200
+        while (job := client.get("/api/train/status", headers=headers).json()["job"])["running"]:
+            assert time.time() < deadline, job
+            time.sleep(0.5)
+        lines = client.get("/api/train/status", headers=headers).json()["job"]["lines"]
+        assert job["returncode"] == 130 and lines[-1] == "interrupted", lines[-5:]
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
