@@ -164,16 +164,19 @@ def as_messages(prompt) -> list[dict]:
     return one_turn(prompt) if isinstance(prompt, str) else prompt
 
 
+def label_choices(labels: Path) -> dict[str, str]:
+    """{prompt key (app/data.py prompt_key): pair, tie or skip} of the labels file and its undecided one."""
+    return {prompt_key(as_messages(row["prompt"])): row.get("choice", "pair")
+            for row in read_label_rows(labels) + read_label_rows(undecided_file(labels))}
+
+
 def label_progress(prompts: list[list[dict]], labels: Path) -> dict:
-    """The counts of the labels file and its undecided one, and the first prompt not labeled in either."""
-    choices = {}
-    for row in read_label_rows(labels) + read_label_rows(undecided_file(labels)):
-        choices[prompt_key(as_messages(row["prompt"]))] = row.get("choice", "pair")
+    """The counts of pairs, ties and skips, and the first prompt labeled in neither file (None when done)."""
+    choices = label_choices(labels)
     counts = collections.Counter(choices.values())
     index = next((i for i, p in enumerate(prompts) if prompt_key(p) not in choices), len(prompts))
     return {"total": len(prompts), "index": index, "pairs": counts["pair"], "ties": counts["tie"],
-            "skips": counts["skip"], "prompt": prompts[index] if index < len(prompts) else None,
-            "labeled": prompt_key(prompts[index]) in choices if index < len(prompts) else True}
+            "skips": counts["skip"], "prompt": prompts[index] if index < len(prompts) else None}
 
 
 def label_row(prompt: list[dict], choice: str, a: str, b: str, chosen_text: str | None, provenance: dict) -> dict:
@@ -203,9 +206,10 @@ class TrainingJob:
     def __init__(self, argv: list[str]):
         self.argv, self.lines = argv, []
         self.events = Path(tempfile.mkdtemp(prefix="prefalign-ui-")) / "progress.jsonl"
-        self.process = subprocess.Popen([sys.executable, "-m", "app", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                        env=child_env(PREFALIGN_PROGRESS=str(self.events), PYTHONUNBUFFERED="1"))
+        env = child_env(PREFALIGN_PROGRESS=str(self.events), PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen([sys.executable, "-m", "app", *argv], cwd=ROOT, env=env, text=True,
+                                        errors="replace", stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         self.reader = threading.Thread(target=self.read, daemon=True)
         self.reader.start()
 
@@ -232,12 +236,14 @@ class Training:
 
     def __init__(self):
         self.job: TrainingJob | None = None
+        self.lock = threading.Lock()  # two clicks on Start, answered in two threads, start one training
 
     def start(self, argv: list[str]) -> TrainingJob:
-        if self.job and self.job.running():
-            raise AppError("a training is already running; stop it first")
-        self.job = TrainingJob(argv)
-        return self.job
+        with self.lock:
+            if self.job and self.job.running():
+                raise AppError("a training is already running; stop it first")
+            self.job = TrainingJob(argv)
+            return self.job
 
     def stop(self):
         if self.job:
@@ -255,7 +261,8 @@ def training_argv(method: str, recipe: str, data_source: str | None, max_steps: 
         raise AppError(f"no recipe named '{recipe}' in recipes/")
     argv = [method, recipe]
     if data_source:
-        argv += ["--set", f"data.source={shown_path(project_path(data_source, ('.jsonl', '.json', '.csv', '.parquet')))}"]
+        source = project_path(data_source, (".jsonl", ".json", ".csv", ".parquet"))
+        argv += ["--set", f"data.source={shown_path(source)}"]
     for key, value in (("max_steps", max_steps), ("beta", beta), ("learning_rate", learning_rate)):
         if value is not None:
             argv += ["--set", f"{method}.{key}={value}"]
@@ -453,7 +460,7 @@ def create_app(token: str):
                                    "max_tokens": sampling.max_tokens, "seeds": [sampling.seed, sampling.seed + 1]}}
         row = label_row(prompt, body.choice, body.a, body.b, body.chosen_text, provenance)
         with labels_lock:  # two tabs on one file: the second choice for a prompt is refused, not appended
-            if label_progress([prompt], labels)["labeled"]:
+            if prompt_key(prompt) in label_choices(labels):
                 raise AppError("this prompt is labeled already (in another tab?); reload the page")
             append_line(labels if "chosen" in row else undecided_file(labels), row)
         return label_progress(prompts_of(body.prompts), labels)
