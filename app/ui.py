@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,7 +205,7 @@ class TrainingJob:
     events it writes (app/progress.py), not from its printed text."""
 
     def __init__(self, argv: list[str]):
-        self.argv, self.lines = argv, []
+        self.argv, self.lines, self.run = argv, [], None
         self.events = Path(tempfile.mkdtemp(prefix="prefalign-ui-")) / "progress.jsonl"
         env = child_env(PREFALIGN_PROGRESS=str(self.events), PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen([sys.executable, "-m", "app", *argv], cwd=ROOT, env=env, text=True,
@@ -217,13 +218,17 @@ class TrainingJob:
         for line in self.process.stdout:
             self.lines.append(line.rstrip("\n"))
         self.process.wait()
+        self.run_name()  # kept, before its events file goes
+        shutil.rmtree(self.events.parent, ignore_errors=True)
 
     def running(self) -> bool:
         return self.reader.is_alive()
 
     def run_name(self) -> str | None:
-        folders = [e["path"] for e in read_events(self.events) if e["event"] == "folder"]
-        return Path(folders[-1]).name if folders else None
+        if self.run is None:
+            folders = [e["path"] for e in read_events(self.events) if e["event"] == "folder"]
+            self.run = Path(folders[-1]).name if folders else None
+        return self.run
 
     def stop(self):
         """SIGINT, as Ctrl-C: the CLI stops where it is, says `interrupted` and exits 130."""
