@@ -72,6 +72,11 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+# what each method logs in metrics.jsonl as its accuracy and margin (train keys; eval keys have an "eval_" prefix)
+ACCURACY_KEYS = ("rewards/accuracies", "mean_token_accuracy", "accuracy")
+MARGIN_KEYS = ("rewards/margins", "margin")
+
+
 def write_text(path: Path, text: str):
     write_bytes(path, text.encode())
 

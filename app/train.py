@@ -29,7 +29,7 @@ from app.methods import METHODS
 from app.recipe import trl_config_default
 from app.progress import Progress
 from app.refcache import attach_reference_log_probs, reference_line
-from app.runs import checkpoint_step, last_checkpoint, write_json, write_text
+from app.runs import ACCURACY_KEYS, MARGIN_KEYS, checkpoint_step, last_checkpoint, read_metrics, write_json, write_text
 
 PROBE_SAMPLING = Sampling(max_tokens=64)  # the probes' replies before and after training: greedy, 64 tokens
 
@@ -309,12 +309,7 @@ class MetricsLog(TrainerCallback):
             self.bar.close()
 
     def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
-# what each method logs as its accuracy and margin (train keys; eval keys have an "eval_" prefix)
-ACCURACY_KEYS = ("rewards/accuracies", "mean_token_accuracy", "accuracy")
-MARGIN_KEYS = ("rewards/margins", "margin")
+        return read_metrics(self.path.parent)
 
 
 def format_log_line(r: dict, max_steps: int) -> str | None:

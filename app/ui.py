@@ -29,8 +29,6 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from app import ROOT, AppError, child_env
 from app.chat import fit_history, recipe_system
 from app.data import prompt_key, read_prompt_list
@@ -39,7 +37,8 @@ from app.generate import CONTEXT, GGUFModel, Sampling, one_turn, with_system
 from app.gguf import check_gguf_file, find_gguf
 from app.methods import METHODS
 from app.progress import read_events
-from app.runs import EXPORTS
+from app.recipe import recipe_names, run_recipe
+from app.runs import ACCURACY_KEYS, EXPORTS, MARGIN_KEYS, read_metrics
 from app.serve import exposure_verdict, listen
 
 logger = logging.getLogger(__name__)
@@ -48,9 +47,7 @@ STATIC = Path(__file__).parent / "ui_static"
 PAGES = ("label", "train", "runs", "compare", "chat")
 ALLOWED_ROOTS = (EXPORTS, ROOT / "recipes")  # every path a request names lies in one of these
 COOKIE = "prefalign_ui_token"
-# what the chart draws, as app/train.py's ACCURACY_KEYS and MARGIN_KEYS (not imported: it loads transformers)
-CHART_KEYS = {"loss": ("loss",), "accuracy": ("rewards/accuracies", "mean_token_accuracy", "accuracy"),
-              "margin": ("rewards/margins", "margin")}
+CHART_KEYS = {"loss": ("loss",), "accuracy": ACCURACY_KEYS, "margin": MARGIN_KEYS}  # what the chart draws
 
 
 def ui(host: str = "127.0.0.1", port: int = 8765, api_key: str | None = None, insecure: bool = False):
@@ -258,8 +255,6 @@ class Training:
 def training_argv(method: str, recipe: str, data_source: str | None, max_steps: int | None, beta: float | None,
                   learning_rate: float | None, export_base: bool) -> list[str]:
     """The CLI's arguments for the form's choices (the CLI checks the values, as for any command line)."""
-    from app.recipe import recipe_names
-
     if method not in METHODS:
         raise AppError(f"no method '{method}'; methods: {', '.join(METHODS)}")
     if recipe not in recipe_names():
@@ -279,7 +274,7 @@ def training_argv(method: str, recipe: str, data_source: str | None, max_steps: 
 def chart_points(run: Path) -> list[dict]:
     """{step, loss, accuracy, margin} per training log line of metrics.jsonl (None where not logged)."""
     points = []
-    for record in read_label_rows(run / "metrics.jsonl"):
+    for record in read_metrics(run):
         if "loss" in record:
             points.append({"step": record["step"], **{name: next((record[k] for k in keys if k in record), None)
                                                        for name, keys in CHART_KEYS.items()}})
@@ -310,9 +305,7 @@ def run_details(run: Path) -> dict:
 
 
 def run_probes(run: Path) -> list[str]:
-    """The recipe's export.probes, read from the run's recipe.yaml as written (no Recipe object)."""
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text()) or {}
-    return list((recipe.get("export") or {}).get("probes") or [])
+    return list(run_recipe(run).export.probes)
 
 
 def run_folders() -> list[Path]:
@@ -401,7 +394,6 @@ def create_app(token: str):
 
     @app.get("/api/choices")
     def choices():
-        from app.recipe import recipe_names
         return {"models": model_choices(), "prompts": data_files("prompts"), "data": data_files("data"),
                 "recipes": recipe_names(), "methods": list(METHODS),
                 "runs": [{"run": r.name, "status": run_status(r)} for r in run_folders()]}

@@ -82,6 +82,7 @@ def test_training_runs_the_cli_with_checked_arguments():
 
 def test_labels_are_pairs_that_app_data_reads_and_ties_and_skips_stay_out(client, folder):
     from app.data import load_preference_data
+    from app.recipe import DataSection
 
     labels = folder / "labels.jsonl"
     common = {"model": rel(folder / "model.gguf"), "prompts": rel(folder / "prompts.txt"), "labels": rel(labels),
@@ -108,7 +109,7 @@ def test_labels_are_pairs_that_app_data_reads_and_ties_and_skips_stay_out(client
     assert len(rows) == 1 and rows[0]["chosen"].endswith("It gives us light.") and rows[0]["rejected"] == "Go away."
     assert rows[0]["provenance"]["edited"] is True and rows[0]["provenance"]["sampling"]["seeds"] == [0, 1]
     assert rows[0]["provenance"]["model"] == common["model"]
-    data = load_preference_data({"source": str(labels), "eval_share": 0})
+    data = load_preference_data(DataSection(source=str(labels), eval_share=0))
     assert data.rows == 1 and len(data.train) == 1 and data.dropped == {}
     assert data.train[0]["prompt"] == [{"role": "user", "content": PROMPTS[0]}]
     undecided = [json.loads(line) for line in (folder / "labels.undecided.jsonl").read_text().splitlines()]

@@ -14,9 +14,9 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-import yaml
 
 from app import ROOT
+from app.recipe import run_recipe
 from app.runs import EXPORTS
 from tests.test_serve import free_port
 
@@ -133,8 +133,7 @@ def test_label_train_and_compare_in_a_browser(tiny_run, app_url, browser, work_f
     assert state == "done", text("log")[-3000:]
     assert f"step   {STEPS}/{STEPS}" in text("log") and "done in" in text("log")
     (run,) = new_runs("tiny-dpo-")
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-    assert recipe["data"]["source"] == str(labels.relative_to(ROOT))  # trained on the labels
+    assert run_recipe(run).data.source == str(labels.relative_to(ROOT))  # trained on the labels
 
     browser.get(base + "/runs?run=" + run.name)
     wait(lambda: run.name in text("runs") and "PASS" in text("details"))
