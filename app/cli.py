@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -93,20 +94,21 @@ def main(argv=None) -> int:
         p.add_argument("--" + field.name.replace("_", "-"), required=required, default=None if required else
                        field.default, type=next((t for t in typing.get_args(field.type) if t is not type(None)),
                                                 field.type), help=field.metadata["help"] + shown, **extras)
-    p = sub.add_parser("serve", parents=[gguf], help="an OpenAI-compatible HTTP server for a run's GGUF (or a .gguf file)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    # what serve and the web app share: where they listen, and the key that anywhere beyond loopback needs
+    listening = argparse.ArgumentParser(add_help=False)
+    listening.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface, "
+                                                               "which needs --api-key)")
+    listening.add_argument("--api-key", default=os.environ.get("PREFALIGN_API_KEY"),
+                           help="serve: every request sends it as `Authorization: Bearer KEY`; ui: the token in its "
+                                "address (default: $PREFALIGN_API_KEY)")
+    listening.add_argument("--insecure", action="store_true",
+                           help="allow listening beyond this machine without an API key")
+    p = sub.add_parser("serve", parents=[gguf, listening],
+                       help="an OpenAI-compatible HTTP server for a run's GGUF (or a .gguf file)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("PREFALIGN_API_KEY"),
-                   help="every request must send it as `Authorization: Bearer KEY` (default: $PREFALIGN_API_KEY)")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow listening beyond this machine without an API key (anyone on the network can use it)")
-    p = sub.add_parser("ui", help="a local web app: label pairs, train on them, read runs, compare, chat")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback: needs --api-key)")
+    p = sub.add_parser("ui", parents=[listening],
+                       help="a local web app: label pairs, train on them, read runs, compare, chat")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--api-key", default=os.environ.get("PREFALIGN_API_KEY"),
-                   help="needed beyond loopback, and then the token in the address (default: $PREFALIGN_API_KEY)")
-    p.add_argument("--insecure", action="store_true",
-                   help="allow listening beyond this machine without an API key (the printed token is the only lock)")
     p = sub.add_parser("data", help="inspect a preference dataset as the trainer will see it")
     p.add_argument("action", choices=["inspect"])
     p.add_argument("source", help="a local file or folder, or a hub dataset id")
@@ -163,6 +165,10 @@ def main(argv=None) -> int:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started with Ctrl-C ignored, as a script's background job is (and its children after it): Stop in the
+        # web app and Ctrl-C are SIGINT, and must still stop a run, which then says "interrupted"
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         COMMANDS[args.command](args)
         return 0
