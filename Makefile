@@ -135,9 +135,10 @@ test: $(READY) $(VENV)/.extra-tensorboard $(VENV)/.chromium
 
 # Debian's Chromium and its driver for tests/test_ui_browser.py (Selenium); apt-get only where they are missing
 # (about 10 s on a Debian 12 mirror), as root or with sudo
+SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
 $(VENV)/.chromium: $(READY)
-	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq \
-	  && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y --no-install-recommends chromium chromium-driver; }
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { $(SUDO) apt-get update -qq \
+	  && $(SUDO) apt-get install -y --no-install-recommends chromium chromium-driver; }
 	touch $@
 
 # the fast tier: every test that trains and exports nothing (verdicts, recipes, planner, bad inputs), in a minute

@@ -361,8 +361,8 @@ def trl_config_default(method: str, key: str):
 
 def trl_text_fields(method: str) -> set[str]:
     """Fields of a method's TRL config that take text (an enum's name, e.g. eval_strategy) and no boolean."""
-    return {n.target.id for n in _config_fields(method)
-            if re.search(r"\bstr\b", ast.unparse(n.annotation)) and not re.search(r"\bbool\b", ast.unparse(n.annotation))}
+    annotations = ((n.target.id, ast.unparse(n.annotation)) for n in _config_fields(method))
+    return {name for name, text in annotations if re.search(r"\bstr\b", text) and not re.search(r"\bbool\b", text)}
 
 
 def _config_fields(method: str):

@@ -31,7 +31,7 @@ from typing import Literal
 
 from app import ROOT, AppError, child_env
 from app.chat import fit_history, recipe_system
-from app.data import prompt_key, read_prompt_list
+from app.data import prompt_key, read_local_rows, read_prompt_list
 from app.export import BASE_GGUF
 from app.generate import CONTEXT, GGUFModel, Sampling, one_turn, with_system
 from app.gguf import check_gguf_file, find_gguf
@@ -146,16 +146,8 @@ def append_line(path: Path, row: dict):
 
 
 def read_label_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise AppError(f"{path.name} line {n}: not valid JSON ({e.msg})") from None
-    return rows
+    """The rows of a labels file as app/data.py reads them ([] before the first choice)."""
+    return [row for _, row in read_local_rows(path)] if path.is_file() else []
 
 
 def as_messages(prompt) -> list[dict]:
